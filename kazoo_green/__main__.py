@@ -1,0 +1,7 @@
+"""``python -m kazoo_green``: the command line."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

@@ -1,0 +1,213 @@
+"""Subscriptions: topology, consuming, decoding, and acks in either mode."""
+
+import logging
+import os
+
+from . import _defaults as D
+from ._dispatch import Delivery
+from .errors import BadMessage, KazooError
+from .wire import loads_payload, route_names
+
+__all__ = ['Subscription', 'Subscriber', 'ACK_MODES']
+
+log = logging.getLogger('kazoo_green')
+
+#: late: ack after the handler returned, reject if it raised;
+#: early: ack just before the handler runs; none: consume with no_ack.
+ACK_MODES = ('late', 'early', 'none')
+
+
+class Subscription(object):
+    """One queue bound to one exchange with one or more routing keys."""
+
+    def __init__(self, exchange, routing_key, queue=None, exchange_type='direct',
+                 durable=False, auto_delete=None, exclusive=False, passive=False,
+                 queue_arguments=None, exchange_durable=False, ack='late', prefetch=None,
+                 event_key=D.EVENT_KEY, event_subkey=D.EVENT_SUBKEY, worker_key=None):
+        if ack not in ACK_MODES:
+            raise ValueError('ack must be one of %s, not %r' % (', '.join(ACK_MODES), ack))
+        if isinstance(routing_key, str):
+            routing_key = [routing_key]
+        self.exchange = exchange or ''
+        self.routing_keys = list(routing_key or [''])
+        self.queue = queue
+        self.exchange_type = exchange_type
+        self.durable = durable
+        self.auto_delete = (queue is None) if auto_delete is None else auto_delete
+        self.exclusive = exclusive
+        self.passive = passive
+        self.queue_arguments = dict(queue_arguments) if queue_arguments else None
+        self.exchange_durable = exchange_durable
+        self.ack = ack
+        self.prefetch = prefetch
+        self.event_key = event_key
+        self.event_subkey = event_subkey
+        self.worker_key = worker_key
+        self.tag = None
+        self.channel = None  # the consuming channel of the current connection
+        self.queue_in_use = queue
+
+    def queue_name(self, node, index):
+        if self.queue:
+            return self.queue
+        return '%s-%s-<%d>-%d' % (node, self.exchange or 'default', os.getpid(), index)
+
+    def __repr__(self):
+        return '<Subscription %s %r -> %r ack=%s>' % (self.exchange, self.routing_keys,
+                                                    self.queue, self.ack)
+
+
+class Subscriber(object):
+    """Declares and consumes every subscription on one link, on each connect."""
+
+    def __init__(self, link, dispatcher, routes, stats, node, prefetch):
+        self.link = link
+        self.dispatcher = dispatcher
+        self.routes = routes
+        self.stats = stats
+        self.node = node
+        self.prefetch = prefetch
+        self.subscriptions = []
+        self._unrouted_seen = set()
+        link.add_up_hook(self._setup_all)
+        link.on_down(self._down)
+
+    def add(self, sub):
+        """Register ``sub``; set it up now when the link is up (errors raise here)."""
+        sub.tag = 'kg-%d' % (len(self.subscriptions) + 1)
+        self.subscriptions.append(sub)
+        if self.link.connected:
+            try:
+                self.link.rpc(self._setup, sub, self.link._conn)
+            except self.link.channel_errors as exc:
+                self.subscriptions.remove(sub)
+                raise KazooError('cannot subscribe %r: %s' % (sub, exc)) from None
+        return sub
+
+    def _setup_all(self, conn):
+        for sub in self.subscriptions:
+            try:
+                self._setup(sub, conn)
+            except self.link.channel_errors as exc:
+                # The broker refused this one (e.g. a type or argument
+                # mismatch); the others still work.
+                log.error('cannot set up %r: %s', sub, exc)
+
+    def _setup(self, sub, conn):
+        channel = conn.channel()
+        if sub.exchange:
+            if sub.exchange_type:
+                channel.exchange_declare(exchange=sub.exchange, type=sub.exchange_type,
+                                         durable=sub.exchange_durable, auto_delete=False)
+            else:
+                channel.exchange_declare(exchange=sub.exchange, type='direct', passive=True)
+        name = sub.queue_name(self.node, self.subscriptions.index(sub))
+        channel.queue_declare(queue=name, passive=sub.passive, durable=sub.durable,
+                              exclusive=sub.exclusive, auto_delete=sub.auto_delete,
+                              arguments=sub.queue_arguments)
+        if sub.exchange:
+            for key in sub.routing_keys:
+                channel.queue_bind(queue=name, exchange=sub.exchange, routing_key=key)
+        no_ack = sub.ack == 'none'
+        if not no_ack:
+            channel.basic_qos(0, sub.prefetch or self.prefetch, False)
+        received = self._received
+
+        def on_message(raw):
+            received(sub, channel, raw)
+
+        channel.basic_consume(queue=name, no_ack=no_ack, callback=on_message,
+                              consumer_tag=sub.tag)
+        sub.channel = channel
+        sub.queue_in_use = name
+
+    def _down(self, link, exc):
+        for sub in self.subscriptions:
+            sub.channel = None
+
+    def cancel_all(self):
+        """Stop deliveries (used by a graceful stop); in-flight ones still settle."""
+        for sub in self.subscriptions:
+            channel = sub.channel
+            if channel is not None and self.link.connected:
+                try:
+                    self.link.rpc(channel.basic_cancel, sub.tag)
+                except KazooError as exc:
+                    log.warning('cannot cancel %r: %s', sub, exc)
+                except self.link.channel_errors as exc:
+                    log.warning('cannot cancel %r: %s', sub, exc)
+
+    # -- per message ----------------------------------------------------
+    def _received(self, sub, channel, raw):
+        """Runs in the reading greenlet: decode, then hand to a worker."""
+        self.stats.consumed += 1
+        try:
+            payload = loads_payload(raw.body)
+            names = route_names(payload, sub.event_key, sub.event_subkey)
+        except BadMessage as exc:
+            info = raw.delivery_info
+            self.stats.bad_input += 1
+            log.warning('bad message on queue %s (exchange %r, routing key %r, %d bytes): %s',
+                        sub.queue_in_use, info.get('exchange'), info.get('routing_key'),
+                        len(raw.body or b''), exc)
+            self._settle(sub, channel, raw.delivery_tag, False)
+            return
+        key = None
+        if sub.worker_key:
+            if sub.worker_key == 'routing_key':
+                key = raw.delivery_info.get('routing_key')
+            else:
+                key = payload.get(sub.worker_key)
+                if isinstance(key, (dict, list)):
+                    key = None
+        self.dispatcher.submit(self._handle, (sub, channel, raw, payload, names), key)
+
+    def _handle(self, sub, channel, raw, payload, names):
+        """Runs in a worker greenlet."""
+        route, fn = self.routes.resolve(names)
+        if fn is None:
+            self.stats.unrouted += 1
+            if names[0] not in self._unrouted_seen:
+                self._unrouted_seen.add(names[0])
+                log.warning('no event route for %s (nor its fallbacks); message acked '
+                            'and counted as unrouted', names[0])
+            self._settle(sub, channel, raw.delivery_tag, True)
+            return
+        if sub.ack == 'early':
+            self._settle(sub, channel, raw.delivery_tag, True)
+        info = raw.delivery_info
+        meta = Delivery(route, info.get('exchange'), info.get('routing_key'),
+                        sub.queue_in_use, raw.headers or {}, bool(info.get('redelivered')),
+                        raw.properties)
+        try:
+            fn(payload, meta)
+        except Exception:
+            self.stats.handler_errors += 1
+            log.exception('event route %s failed (exchange %r, routing key %r)%s', route,
+                          meta.exchange, meta.routing_key,
+                          '; message rejected' if sub.ack == 'late' else '')
+            if sub.ack == 'late':
+                self._settle(sub, channel, raw.delivery_tag, False)
+            return
+        if sub.ack == 'late':
+            self._settle(sub, channel, raw.delivery_tag, True)
+
+    def _settle(self, sub, channel, tag, ok):
+        if sub.ack == 'none':
+            return
+        if sub.channel is not channel:
+            # Delivered on a connection that is gone: the broker has
+            # requeued it already; an ack now would hit the wrong channel.
+            self.stats.ack_failed += 1
+            return
+        try:
+            if ok:
+                self.link.write(channel.basic_ack, tag, False)
+                self.stats.acked += 1
+            else:
+                self.link.write(channel.basic_reject, tag, False)
+                self.stats.rejected += 1
+        except KazooError as exc:
+            self.stats.ack_failed += 1
+            log.warning('cannot %s message on %s: %s', 'ack' if ok else 'reject',
+                        sub.queue_in_use, exc)

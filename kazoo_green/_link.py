@@ -1,0 +1,428 @@
+"""One broker connection with failover: who reads the socket, who writes, and reconnects.
+
+A ``Link`` owns one kombu ``Connection`` built over the whole broker list with
+``failover_strategy='round-robin'``. py-amqp is a blocking library, so gevent
+rules apply: at most one greenlet reads the socket (the holder of the read
+lock) and writes are serialised by the write lock, frame by frame.
+
+Two ways to drive it:
+
+* background: ``start()`` spawns one reader greenlet that drains the socket,
+  sends heartbeats and reconnects with back-off; everybody else only waits
+  on results the reader fills in. Used by consumer processes.
+* caller-driven: with no reader, a greenlet that waits for a reply becomes the
+  reader until its result is ready (others wait for it or take over), and a
+  lost connection is re-made by the next call. Used in Kamailio SIP workers,
+  where nothing runs between two SIP messages.
+
+Nothing here does I/O before first use, so a Link may be built before a fork;
+a connection inherited through a fork is dropped without I/O.
+"""
+
+import logging
+import os
+import socket
+from time import monotonic
+
+import gevent
+from gevent.event import Event
+from gevent.lock import RLock
+from kombu import Connection
+
+from . import _defaults as D
+from .errors import ConnectionLost, NotConnected
+
+__all__ = ['Link', 'parse_brokers']
+
+log = logging.getLogger('kazoo_green')
+
+
+def parse_brokers(brokers):
+    """A list of broker URLs from a list or a ``;``-separated string."""
+    if brokers is None:
+        brokers = D.BROKERS
+    if isinstance(brokers, str):
+        brokers = brokers.split(';')
+    urls = [u.strip() for u in brokers if u and u.strip()]
+    if not urls:
+        raise ValueError('no broker URL given')
+    # kombu warns about a memory:// URL without a host name.
+    return ['memory://localhost/' if u == 'memory://' else u for u in urls]
+
+
+class Link(object):
+    """One AMQP connection (with failover over ``urls``) shared by greenlets."""
+
+    def __init__(self, name, urls, stats, connect_timeout=D.CONNECT_TIMEOUT,
+                 heartbeat=D.HEARTBEAT, poll_interval=D.POLL_INTERVAL,
+                 transport_options=None, label=''):
+        self.name = name
+        self.label = label
+        self.urls = list(urls)
+        self.stats = stats
+        self.connect_timeout = connect_timeout
+        self.heartbeat = heartbeat
+        self.poll_interval = poll_interval
+        self.transport_options = dict(transport_options or {})
+        self.memory = all(u.startswith('memory:') for u in self.urls)
+        #: True while connected and every up-hook has run.
+        self.connected = False
+        #: Bumped at every connect and every loss: an ack or confirm carries
+        #: the generation it was made in and is void in any other.
+        self.generation = 0
+        self.ever_connected = False
+        self.host = None
+        self.supports_amqp = False
+        self._conn = None
+        self._raw = None
+        self._pid = None
+        self._wlock = RLock()
+        self._rlock = RLock()
+        self._connect_lock = RLock()
+        self._read_free = Event()
+        self._read_free.set()
+        self._rpc_waiting = 0
+        self._up = Event()
+        self._up_hooks = []
+        self._on_up = []
+        self._on_down = []
+        self._reader = None
+        self._running = False
+        self._lost_once = False
+        self._errors = ()
+        self._channel_errors = ()
+
+    # -- configuration --------------------------------------------------
+    def add_up_hook(self, fn):
+        """``fn(conn)`` runs after each connect, before the link counts as up.
+
+        It may open channels and make synchronous AMQP calls. An exception
+        from it fails the connect.
+        """
+        self._up_hooks.append(fn)
+
+    def on_up(self, fn):
+        """``fn(link)`` runs after each connect, once the link is up."""
+        self._on_up.append(fn)
+
+    def on_down(self, fn):
+        """``fn(link, exc)`` runs once per lost connection, without I/O."""
+        self._on_down.append(fn)
+
+    @property
+    def background(self):
+        return self._reader is not None
+
+    @property
+    def channel_errors(self):
+        return self._channel_errors
+
+    # -- connecting -----------------------------------------------------
+    def _check_pid(self):
+        pid = os.getpid()
+        if self._pid != pid:
+            # Inherited through fork: the parent owns that socket; forget it.
+            self._conn = self._raw = None
+            self.connected = False
+            self._reader = None
+            self._up = Event()
+            self._pid = pid
+
+    def _make_connection(self):
+        opts = dict(self.transport_options)
+        if self.memory:
+            opts.setdefault('polling_interval', D.MEMORY_POLLING_INTERVAL)
+        else:
+            # Shown by rabbitmqctl and the management UI: who holds this connection.
+            props = dict(opts.get('client_properties') or {})
+            props.setdefault('connection_name', '%s %s <%d>' % (self.label, self.name,
+                                                                os.getpid()))
+            opts['client_properties'] = props
+        conn = Connection(
+            self.urls if len(self.urls) > 1 else self.urls[0],
+            failover_strategy='round-robin',
+            connect_timeout=self.connect_timeout,
+            heartbeat=self.heartbeat if self._reader is not None else 0,
+            transport_options=opts,
+        )
+        self._errors = tuple(conn.connection_errors) + tuple(conn.channel_errors) + (OSError,)
+        self._channel_errors = tuple(conn.channel_errors)
+        return conn
+
+    def ensure(self, deadline=None, wait=False):
+        """Be connected when this returns, or raise NotConnected.
+
+        With a background reader, a link that was up once raises at once
+        while it is down (the reader is reconnecting); before its first
+        connect it waits for it until ``deadline``. Without a reader, the
+        caller connects, bounded by ``deadline``.
+        """
+        if self.connected and self._pid == os.getpid():
+            return
+        self._check_pid()
+        if self._reader is not None:
+            if wait or not self.ever_connected:
+                timeout = None if deadline is None else max(0.0, deadline - monotonic())
+                self._up.wait(timeout)
+            if not self.connected:
+                raise NotConnected('%s link: no broker connection (reconnecting to %s)'
+                                   % (self.name, self.describe()))
+            return
+        self.connect(deadline)
+
+    def describe(self):
+        return ', '.join(_safe_url(u) for u in self.urls)
+
+    def connect(self, deadline=None):
+        """Try every broker once, round-robin; raise NotConnected if none answers."""
+        with self._connect_lock:
+            if self.connected:
+                return
+            self._check_pid()
+            if self._conn is None:
+                self._conn = self._make_connection()
+            conn = self._conn
+            timeout = None
+            if deadline is not None:
+                timeout = deadline - monotonic()
+                if timeout <= 0:
+                    raise NotConnected('%s link: no time left to connect' % self.name)
+            try:
+                with gevent.Timeout(timeout, NotConnected(
+                        '%s link: connecting timed out after %.3fs' % (self.name, timeout or 0))):
+                    conn.ensure_connection(
+                        errback=self._connect_failed, max_retries=len(self.urls) - 1,
+                        interval_start=0, interval_step=0, interval_max=0)
+                    raw = conn.connection
+                    self.supports_amqp = conn.transport.driver_type == 'amqp'
+                    with self._wlock, self._rlock:
+                        for hook in self._up_hooks:
+                            hook(conn)
+            except BaseException as exc:
+                self._drop()
+                if isinstance(exc, gevent.GreenletExit):
+                    raise
+                self.stats.connection_errors += 1
+                if isinstance(exc, NotConnected):
+                    raise
+                raise NotConnected('%s link: cannot connect to %s: %s'
+                                   % (self.name, self.describe(), exc)) from exc
+            self._raw = raw
+            self.host = conn.host if conn.port else conn.as_uri()
+            self.generation += 1
+            self.connected = True
+            self.stats.connects += 1
+            if self.ever_connected or self._lost_once:
+                self.stats.reconnects += 1
+            self.ever_connected = True
+            self._up.set()
+            log.info('%s link: connected to %s', self.name, _safe_url(conn.as_uri()))
+        for fn in self._on_up:
+            try:
+                fn(self)
+            except Exception:
+                log.exception('%s link: on-connect callback failed', self.name)
+
+    def _connect_failed(self, exc, interval):
+        self.stats.connection_errors += 1
+        log.warning('%s link: cannot connect to %s: %s', self.name,
+                    _safe_url(self._conn.as_uri()), exc)
+
+    def _drop(self):
+        """Forget the current connection without talking to the broker."""
+        conn = self._conn
+        self._raw = None
+        if conn is None:
+            return
+        try:
+            conn.collect()
+        except Exception:  # a dying connection may fail in any way here
+            pass
+        if len(self.urls) > 1:
+            try:
+                conn.maybe_switch_next()
+            except Exception:
+                pass
+
+    def lost(self, exc, generation=None):
+        """The connection of ``generation`` died: drop it, tell everybody once."""
+        if generation is not None and generation != self.generation:
+            return
+        if not self.connected:
+            return
+        self.connected = False
+        self._up.clear()
+        self._lost_once = True
+        self.generation += 1
+        self.stats.connection_errors += 1
+        host = self.host
+        log.warning('%s link: lost connection to %s: %s', self.name, host,
+                    exc or 'closed')
+        self._drop()
+        for fn in self._on_down:
+            try:
+                fn(self, exc)
+            except Exception:
+                log.exception('%s link: on-disconnect callback failed', self.name)
+
+    # -- using the socket ----------------------------------------------
+    def write(self, fn, *args, **kwargs):
+        """Call ``fn``, which only writes, with the write lock held."""
+        gen = self.generation
+        try:
+            with self._wlock:
+                return fn(*args, **kwargs)
+        except self._errors as exc:
+            self.lost(exc, gen)
+            raise ConnectionLost('%s link: %s' % (self.name, exc)) from exc
+
+    def rpc(self, fn, *args, **kwargs):
+        """Call ``fn``, a synchronous AMQP call that reads its answer.
+
+        Channel errors (the broker closed that channel) are raised as they
+        are; the link stays up. Connection errors mark the link lost.
+        """
+        gen = self.generation
+        # Lock order everywhere: write lock, then read lock.
+        with self._wlock:
+            self._rpc_waiting += 1
+            try:
+                self._rlock.acquire()
+            finally:
+                self._rpc_waiting -= 1
+            self._read_free.clear()
+            try:
+                if gen != self.generation or not self.connected:
+                    raise ConnectionLost('%s link: connection lost' % self.name)
+                return fn(*args, **kwargs)
+            except self._channel_errors:
+                raise
+            except self._errors as exc:
+                self.lost(exc, gen)
+                raise ConnectionLost('%s link: %s' % (self.name, exc)) from exc
+            finally:
+                self._rlock.release()
+                self._read_free.set()
+
+    def wait(self, result, deadline):
+        """Wait until ``result`` (an AsyncResult) is ready or ``deadline`` passes.
+
+        Returns whether it is ready. Without a background reader the caller
+        reads the socket itself while it waits; a lost connection fails the
+        pending results through the on-down callbacks, which makes them ready.
+        """
+        while not result.ready():
+            remaining = deadline - monotonic()
+            if remaining <= 0:
+                break
+            if self._reader is not None or not self.connected:
+                result.wait(remaining)
+                continue
+            if not self._rlock.acquire(blocking=False):
+                gevent.wait([result, self._read_free], count=1, timeout=remaining)
+                continue
+            gen = self.generation
+            self._read_free.clear()
+            try:
+                drain = self._conn.transport.drain_events
+                raw = self._raw
+                while not result.ready() and self.connected and gen == self.generation:
+                    remaining = deadline - monotonic()
+                    if remaining <= 0:
+                        break
+                    try:
+                        drain(raw, timeout=remaining)
+                    except socket.timeout:
+                        break
+            except self._errors as exc:
+                self.lost(exc, gen)
+            finally:
+                self._rlock.release()
+                self._read_free.set()
+        return result.ready()
+
+    # -- background reader ---------------------------------------------
+    def start(self):
+        """Spawn the reader greenlet (idempotent)."""
+        self._check_pid()
+        if self._reader is not None:
+            return
+        self._running = True
+        if self._conn is not None and not self.connected:
+            self._conn = None  # rebuilt with heartbeats for background use
+        self._reader = gevent.spawn(self._read_loop)
+        self._reader.name = 'kazoo_green-%s-reader' % self.name
+
+    def stop(self, timeout=5.0):
+        """Stop the reader and close the connection."""
+        self._running = False
+        reader, self._reader = self._reader, None
+        if reader is not None:
+            reader.join(timeout=min(timeout, self.poll_interval * 3))
+            if not reader.dead:
+                reader.kill(block=True, timeout=1)
+        if self.connected:
+            self.connected = False
+            self._up.clear()
+            conn, self._conn, self._raw = self._conn, None, None
+            try:
+                with self._wlock:
+                    with gevent.Timeout(timeout):
+                        conn.release()
+            except BaseException:
+                try:
+                    conn.collect()
+                except Exception:
+                    pass
+
+    def _read_loop(self):
+        delay = D.RECONNECT_DELAY
+        next_beat = 0.0
+        frames = 0
+        while self._running:
+            if not self.connected:
+                try:
+                    self.connect()
+                except NotConnected:
+                    gevent.sleep(delay)
+                    delay = min(delay * 2, D.RECONNECT_DELAY_MAX)
+                    continue
+                delay = D.RECONNECT_DELAY
+            gen = self.generation
+            conn = self._conn
+            try:
+                with self._rlock:
+                    try:
+                        conn.transport.drain_events(self._raw, timeout=self.poll_interval)
+                        frames += 1
+                    except socket.timeout:
+                        frames = 0
+                now = monotonic()
+                if now >= next_beat:
+                    next_beat = now + self.poll_interval
+                    with self._wlock:
+                        conn.transport.heartbeat_check(self._raw, rate=2)
+            except self._errors as exc:
+                self.lost(exc, gen)
+                continue
+            except gevent.GreenletExit:
+                raise
+            except Exception as exc:  # a bug must not leave the link half-dead
+                log.exception('%s link: unexpected error while reading', self.name)
+                self.lost(exc, gen)
+                continue
+            if self._rpc_waiting or frames >= 32:
+                # Let a synchronous call take the socket, and let workers run
+                # while a backlog streams in.
+                frames = 0
+                gevent.sleep(0)
+
+
+def _safe_url(url):
+    """A broker URL without its password."""
+    if '@' not in url or '://' not in url:
+        return url
+    scheme, rest = url.split('://', 1)
+    creds, host = rest.rsplit('@', 1)
+    user = creds.split(':', 1)[0]
+    return '%s://%s@%s' % (scheme, user, host)

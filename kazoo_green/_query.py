@@ -1,0 +1,148 @@
+"""Queries: one reply queue per process, both reply styles, correlation by Msg-ID."""
+
+import logging
+import os
+from time import monotonic
+
+from gevent.event import AsyncResult
+
+from . import _defaults as D
+from .errors import BadMessage, ConnectionLost, KazooError, QueryFailed, QueryTimeout, Unroutable
+from .wire import dumps, loads_payload
+
+__all__ = ['ReplyWaiter']
+
+log = logging.getLogger('kazoo_green')
+
+
+class ReplyWaiter(object):
+    """Correlates replies with waiting queries.
+
+    Every request carries both reply styles of KAZOO-WIRE.md:
+
+    * ``Server-ID``: the routing key of this process's reply queue on the
+      direct exchange ``targeted``, for Kazoo-style responders that copy
+      ``Msg-ID`` into the reply;
+    * ``reply_to`` = RabbitMQ direct reply-to and ``correlation_id`` =
+      ``Msg-ID``, for generic AMQP responders (RabbitMQ only).
+
+    The reply queue is declared and consumed during connect, before any
+    request can go out, so no reply finds it missing.
+    """
+
+    def __init__(self, link, publisher, stats, node, direct_reply_to=True,
+                 targeted_exchange=D.TARGETED_EXCHANGE):
+        self.link = link
+        self.publisher = publisher
+        self.stats = stats
+        self.node = node
+        self.direct_reply_to = direct_reply_to
+        self.targeted_exchange = targeted_exchange
+        self.use_reply_to = False
+        self._pending = {}
+        self._server_id = None
+        self._server_pid = None
+        link.add_up_hook(self._setup)
+        link.on_down(self._down)
+        publisher.on_return = self._returned
+
+    @property
+    def server_id(self):
+        """Routing key (and queue name) of this process's reply queue."""
+        pid = os.getpid()
+        if self._server_pid != pid:
+            self._server_id = '%s-<%d>-targeted-%x' % (self.node, pid, id(self) & 0xffff)
+            self._server_pid = pid
+        return self._server_id
+
+    @property
+    def pending(self):
+        return len(self._pending)
+
+    def _setup(self, conn):
+        channel = self.publisher.channel
+        probe = conn.channel()
+        try:
+            probe.exchange_declare(exchange=self.targeted_exchange, type='direct', passive=True)
+        except self.link.channel_errors:
+            # Not there yet: declare it as Kazoo does (direct, not durable).
+            # py-amqp has re-opened the channel the broker closed.
+            probe.exchange_declare(exchange=self.targeted_exchange, type='direct')
+        probe.close()
+        queue = self.server_id
+        channel.queue_declare(queue=queue, exclusive=True, auto_delete=True)
+        channel.queue_bind(queue=queue, exchange=self.targeted_exchange, routing_key=queue)
+        channel.basic_consume(queue=queue, no_ack=True, callback=self._on_reply,
+                              consumer_tag='kg-targeted')
+        self.use_reply_to = self.direct_reply_to and self.link.supports_amqp
+        if self.use_reply_to:
+            channel.basic_consume(queue=D.DIRECT_REPLY_TO, no_ack=True,
+                                  callback=self._on_reply, consumer_tag='kg-reply-to')
+
+    def _down(self, link, exc):
+        pending, self._pending = self._pending, {}
+        error = ConnectionLost('connection to the broker lost while waiting for the reply: %s'
+                               % (exc,))
+        for result in pending.values():
+            if not result.ready():
+                result.set_exception(error)
+
+    def _returned(self, correlation_id, exchange, routing_key, reply_text):
+        result = self._pending.get(correlation_id)
+        if result is not None and not result.ready():
+            result.set_exception(Unroutable('query to %r/%r was returned by the broker: %s'
+                                            % (exchange, routing_key, reply_text)))
+
+    def _on_reply(self, message):
+        """Runs in the greenlet that reads the socket: no blocking here."""
+        correlation_id = message.properties.get('correlation_id')
+        result = self._pending.get(correlation_id) if correlation_id else None
+        try:
+            payload = loads_payload(message.body)
+        except BadMessage as exc:
+            self.stats.bad_input += 1
+            log.warning('bad reply (correlation_id=%s): %s', correlation_id, exc)
+            if result is not None and not result.ready():
+                result.set_exception(QueryFailed('bad reply: %s' % exc))
+            return
+        if result is None:
+            result = self._pending.get(payload.get('Msg-ID'))
+        if result is None or result.ready():
+            self.stats.replies_unmatched += 1
+            log.debug('reply matches no waiting query (Msg-ID=%s)', payload.get('Msg-ID'))
+            return
+        result.set(payload)
+
+    def query(self, exchange, routing_key, payload, timeout, headers=None, mandatory=True):
+        """Send ``payload`` (a stamped dict) and return the reply dict."""
+        deadline = monotonic() + timeout
+        payload['Server-ID'] = self.server_id
+        msg_id = payload['Msg-ID']
+        if msg_id in self._pending:
+            raise KazooError('a query with Msg-ID %r is already waiting' % (msg_id,))
+        result = AsyncResult()
+        self._pending[msg_id] = result
+        self.stats.queries += 1
+        try:
+            props = {'correlation_id': msg_id}
+            link = self.link
+            link.ensure(deadline)
+            if self.use_reply_to:
+                props['reply_to'] = D.DIRECT_REPLY_TO
+            self.publisher.publish(exchange, routing_key, dumps(payload), headers, props,
+                                   mandatory=mandatory and link.supports_amqp,
+                                   deadline=deadline, buffer=False)
+            if not link.wait(result, deadline):
+                self.stats.queries_timeout += 1
+                raise QueryTimeout('no reply from %r/%r within %.3fs (Msg-ID %s)'
+                                   % (exchange, routing_key, timeout, msg_id))
+            reply = result.get(block=False)
+        except QueryTimeout:
+            raise
+        except KazooError:
+            self.stats.queries_failed += 1
+            raise
+        finally:
+            self._pending.pop(msg_id, None)
+        self.stats.queries_ok += 1
+        return reply

@@ -1,0 +1,187 @@
+"""The Kazoo message conventions: JSON bodies, envelope, routing-key escaping, route names."""
+
+import os
+import uuid
+
+import simplejson
+
+from . import _defaults as D
+from .errors import BadMessage, InvalidPayload
+
+__all__ = [
+    'encode', 'json_path', 'dumps', 'loads_payload', 'to_payload', 'stamp',
+    'route_names', 'normalise_route',
+]
+
+_KEEP = frozenset(b'abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-~_')
+# One table lookup a byte: kept bytes map to themselves, the rest to %XX.
+_ENCODE = tuple(
+    chr(b) if b in _KEEP else ('+' if b == 0x20 else '%%%02X' % b)
+    for b in range(256)
+)
+
+
+def encode(value):
+    """Escape ``value`` for use as one word of a routing key (the C ``kazoo_encode``).
+
+    Letters, digits, ``-``, ``~`` and ``_`` are kept, a space becomes ``+``,
+    every other byte of the UTF-8 text (``.`` included) becomes ``%XX``.
+
+    >>> encode('sip.example.com')
+    'sip%2Eexample%2Ecom'
+    >>> encode('a b@c')
+    'a+b%40c'
+    """
+    if isinstance(value, str):
+        value = value.encode('utf-8')
+    elif not isinstance(value, (bytes, bytearray)):
+        value = str(value).encode('utf-8')
+    return ''.join([_ENCODE[b] for b in value])
+
+
+_MISSING = object()
+
+
+def _path_parts(path):
+    """``Channels[0].switch_url`` -> ['Channels', 0, 'switch_url']."""
+    parts = []
+    for word in path.split('.'):
+        name, _, rest = word.partition('[')
+        if name:
+            parts.append(name)
+        while rest:
+            index, _, rest = rest.partition(']')
+            try:
+                parts.append(int(index))
+            except ValueError:
+                raise ValueError('bad index %r in path %r' % (index, path))
+            rest = rest[1:] if rest.startswith('[') else rest
+            if rest:
+                raise ValueError('bad path %r' % (path,))
+    return parts
+
+
+def json_path(payload, path, default=None):
+    """Value at ``path`` in ``payload`` (a dict or JSON text), like the C ``kazoo_json``.
+
+    Paths are dotted keys with ``[n]`` list indexes; a negative index counts
+    from the end. A missing key or index gives ``default``.
+
+    >>> json_path({'Channels': [{'switch_url': 'sip:fs1'}]}, 'Channels[0].switch_url')
+    'sip:fs1'
+    """
+    if isinstance(payload, (str, bytes)):
+        payload = simplejson.loads(payload)
+    node = payload
+    for part in _path_parts(path):
+        try:
+            if isinstance(part, int):
+                node = node[part] if isinstance(node, list) else _MISSING
+            else:
+                node = node.get(part, _MISSING) if isinstance(node, dict) else _MISSING
+        except IndexError:
+            node = _MISSING
+        if node is _MISSING:
+            return default
+    return node
+
+
+_dumps = simplejson.JSONEncoder(separators=(',', ':'), ensure_ascii=False).encode
+_loads = simplejson.JSONDecoder().decode
+
+
+def dumps(payload):
+    """JSON text of ``payload`` as UTF-8 bytes."""
+    return _dumps(payload).encode('utf-8')
+
+
+def to_payload(payload):
+    """A publishable dict from a dict or JSON text; raises InvalidPayload."""
+    if isinstance(payload, dict):
+        return dict(payload)
+    if isinstance(payload, (str, bytes, bytearray)):
+        try:
+            value = _loads(payload.decode('utf-8') if not isinstance(payload, str) else payload)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise InvalidPayload('payload is not valid JSON: %s' % exc) from None
+        if not isinstance(value, dict):
+            raise InvalidPayload('payload must be a JSON object, got %s' % type(value).__name__)
+        return value
+    raise InvalidPayload('payload must be a dict or JSON text, got %s' % type(payload).__name__)
+
+
+def loads_payload(body):
+    """Decode a consumed body into a dict; raises BadMessage naming the reason."""
+    if not body:
+        raise BadMessage('empty body')
+    if not isinstance(body, str):
+        try:
+            body = bytes(body).decode('utf-8')
+        except UnicodeDecodeError as exc:
+            raise BadMessage('invalid UTF-8', str(exc)) from None
+    try:
+        value = _loads(body)
+    except ValueError as exc:
+        raise BadMessage('not JSON', str(exc)) from None
+    if not isinstance(value, dict):
+        raise BadMessage('JSON is not an object', type(value).__name__)
+    return value
+
+
+def new_msg_id():
+    return str(uuid.uuid4())
+
+
+def stamp(payload, app_name, app_version, node):
+    """Add the envelope fields a Kazoo message carries when they are absent."""
+    if 'App-Name' not in payload:
+        payload['App-Name'] = app_name
+    if 'App-Version' not in payload:
+        payload['App-Version'] = app_version
+    if 'Node' not in payload:
+        payload['Node'] = node
+    if 'Msg-ID' not in payload:
+        payload['Msg-ID'] = new_msg_id()
+    return payload
+
+
+def normalise_route(name):
+    """Route names are lower-case with ``_`` written as ``-``."""
+    return name.lower().replace('_', '-')
+
+
+def _text(value):
+    if isinstance(value, str):
+        return value
+    if isinstance(value, bool):
+        return 'true' if value else 'false'
+    if isinstance(value, (int, float)):
+        return str(value)
+    return None
+
+
+def route_names(payload, key=D.EVENT_KEY, subkey=D.EVENT_SUBKEY):
+    """Event-route names for ``payload``, most specific first (KAZOO-WIRE.md).
+
+    Raises BadMessage when a key field is missing or is not a scalar.
+
+    >>> route_names({'Event-Category': 'directory', 'Event-Name': 'reg_flush'})[0]
+    'kazoo:consumer-event-directory-reg-flush'
+    """
+    category = _text(payload.get(key))
+    name = _text(payload.get(subkey))
+    if category is None or name is None:
+        missing = [k for k, v in ((key, category), (subkey, name)) if v is None]
+        raise BadMessage('missing key field', ', '.join(missing))
+    p = D.ROUTE_PREFIX
+    return (
+        normalise_route('%s-%s-%s' % (p, category, name)),
+        normalise_route('%s-%s' % (p, category)),
+        normalise_route('%s-%s-%s' % (p, key, subkey)),
+        normalise_route('%s-%s' % (p, key)),
+        p,
+    )
+
+
+def hostname():
+    return os.uname().nodename

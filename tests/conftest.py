@@ -1,0 +1,74 @@
+"""Shared test helpers: unique names, runtimes that are always stopped, broker control."""
+
+import kazoo_green  # noqa: F401  (patches gevent before kombu is imported)
+
+import os
+import subprocess
+import uuid
+from time import monotonic
+
+import gevent
+import pytest
+
+RABBIT_URL = os.environ.get('KAZOO_GREEN_TEST_BROKER', 'amqp://guest:guest@127.0.0.1:5672//')
+
+
+def unique(prefix='kgt'):
+    return '%s-%s' % (prefix, uuid.uuid4().hex[:10])
+
+
+def wait_for(predicate, timeout=10.0, interval=0.01):
+    """Poll ``predicate`` (yielding to greenlets) until true; returns its last value."""
+    deadline = monotonic() + timeout
+    value = predicate()
+    while not value and monotonic() < deadline:
+        gevent.sleep(interval)
+        value = predicate()
+    return value
+
+
+@pytest.fixture
+def runtimes():
+    """Factory of Kazoo runtimes that are stopped at the end of the test."""
+    made = []
+
+    def make(url, **kwargs):
+        kwargs.setdefault('app_name', 'kgtest')
+        kwargs.setdefault('node', unique('kgtest') + '@test')
+        kz = kazoo_green.Kazoo(url, **kwargs)
+        made.append(kz)
+        return kz
+
+    yield make
+    for kz in made:
+        try:
+            kz.stop(timeout=2)
+        except Exception:
+            pass
+
+
+def rabbitmqctl(*args, check=True):
+    return subprocess.run(('rabbitmqctl', '-q') + args, capture_output=True, text=True,
+                          check=check, timeout=60).stdout
+
+
+def close_connections(name_part):
+    """Close, from the broker side, every connection whose name contains ``name_part``."""
+    out = rabbitmqctl('list_connections', 'pid', 'client_properties')
+    closed = 0
+    for line in out.splitlines():
+        if name_part in line and line.startswith('<'):
+            pid = line.split('\t', 1)[0]
+            rabbitmqctl('close_connection', pid, 'closed by the test suite', check=False)
+            closed += 1
+    return closed
+
+
+def queue_counts(name):
+    """(ready, unacked) message counts of queue ``name``, or None if it does not exist."""
+    out = rabbitmqctl('list_queues', 'name', 'messages_ready', 'messages_unacknowledged')
+    for line in out.splitlines():
+        parts = line.split('\t')
+        if parts[0] == name:
+            return int(parts[1]), int(parts[2])
+    return None

@@ -1,0 +1,143 @@
+"""Routing-key escaping, JSON paths, payload decoding and route names (no broker)."""
+
+import pytest
+
+from kazoo_green import BadMessage, InvalidPayload, encode, json_path
+from kazoo_green.wire import loads_payload, route_names, stamp, to_payload
+
+
+@pytest.mark.parametrize('text, expected', [
+    ('alice', 'alice'),
+    ('Az09-~_', 'Az09-~_'),
+    ('sip.example.com', 'sip%2Eexample%2Ecom'),
+    ('alice smith', 'alice+smith'),
+    ('a@b:c/d', 'a%40b%3Ac%2Fd'),
+    ('100%', '100%25'),
+    ('+', '%2B'),
+    ('*.#', '%2A%2E%23'),
+    ('é', '%C3%A9'),
+    ('', ''),
+    (1234, '1234'),
+    (b'x.y', 'x%2Ey'),
+])
+def test_encode(text, expected):
+    assert encode(text) == expected
+
+
+PAYLOAD = {
+    'Channels': [{'switch_url': 'sip:fs1@10.0.0.1', 'legs': [1, 2, 3]}, {'switch_url': 'sip:fs2'}],
+    'Call-ID': 'abc',
+    'Nested': {'a': {'b': None, 'c': 0}},
+}
+
+
+@pytest.mark.parametrize('path, expected', [
+    ('Call-ID', 'abc'),
+    ('Channels[0].switch_url', 'sip:fs1@10.0.0.1'),
+    ('Channels[1].switch_url', 'sip:fs2'),
+    ('Channels[-1].switch_url', 'sip:fs2'),
+    ('Channels[0].legs[2]', 3),
+    ('Channels[0].legs', [1, 2, 3]),
+    ('Nested.a.c', 0),
+    ('Nested.a.b', None),
+    ('Channels[5].switch_url', None),
+    ('Missing', None),
+    ('Call-ID.deeper', None),
+    ('Nested[0]', None),
+])
+def test_json_path(path, expected):
+    assert json_path(PAYLOAD, path) == expected
+
+
+def test_json_path_accepts_json_text_and_default():
+    assert json_path('{"a": [{"b": "c"}]}', 'a[0].b') == 'c'
+    assert json_path({'a': 1}, 'b', default='x') == 'x'
+
+
+def test_json_path_rejects_malformed_path():
+    with pytest.raises(ValueError):
+        json_path(PAYLOAD, 'Channels[x].a')
+
+
+@pytest.mark.parametrize('body, reason', [
+    (b'', 'empty body'),
+    (None, 'empty body'),
+    (b'not json', 'not JSON'),
+    (b'{"a": ', 'not JSON'),
+    (b'[1, 2]', 'JSON is not an object'),
+    (b'"text"', 'JSON is not an object'),
+    (b'\xff\xfe{}', 'invalid UTF-8'),
+])
+def test_loads_payload_bad_input(body, reason):
+    with pytest.raises(BadMessage) as info:
+        loads_payload(body)
+    assert info.value.reason == reason
+
+
+def test_loads_payload_good():
+    assert loads_payload(b'{"a": "\xc3\xa9"}') == {'a': 'é'}
+    assert loads_payload('{"a": 1}') == {'a': 1}
+
+
+@pytest.mark.parametrize('payload', ['{bad', '[1]', '3', 42, None, b'\xff'])
+def test_to_payload_rejects(payload):
+    with pytest.raises(InvalidPayload):
+        to_payload(payload)
+
+
+def test_to_payload_copies_dicts():
+    original = {'a': 1}
+    copy = to_payload(original)
+    copy['b'] = 2
+    assert original == {'a': 1}
+    assert to_payload('{"a": 1}') == {'a': 1}
+
+
+def test_stamp_adds_only_missing_fields():
+    stamped = stamp({'App-Name': 'mine'}, 'kamailio', '5.6', 'kamailio@host')
+    assert stamped['App-Name'] == 'mine'
+    assert stamped['App-Version'] == '5.6'
+    assert stamped['Node'] == 'kamailio@host'
+    assert len(stamped['Msg-ID']) == 36
+    assert stamp({'Msg-ID': 'x'}, 'a', 'b', 'c')['Msg-ID'] == 'x'
+
+
+def test_route_names_follow_the_c_module_order():
+    names = route_names({'Event-Category': 'Directory', 'Event-Name': 'REG_FLUSH'})
+    assert names == (
+        'kazoo:consumer-event-directory-reg-flush',
+        'kazoo:consumer-event-directory',
+        'kazoo:consumer-event-event-category-event-name',
+        'kazoo:consumer-event-event-category',
+        'kazoo:consumer-event',
+    )
+
+
+def test_route_names_with_binding_keys():
+    payload = {'Event-Category': 'x', 'Event-Name': 'y', 'Type': 'dialog_info',
+               'Sub_Type': 'Update'}
+    assert route_names(payload, 'Type', 'Sub_Type') == (
+        'kazoo:consumer-event-dialog-info-update',
+        'kazoo:consumer-event-dialog-info',
+        'kazoo:consumer-event-type-sub-type',
+        'kazoo:consumer-event-type',
+        'kazoo:consumer-event',
+    )
+
+
+@pytest.mark.parametrize('payload', [
+    {},
+    {'Event-Category': 'a'},
+    {'Event-Name': 'b'},
+    {'Event-Category': {'x': 1}, 'Event-Name': 'b'},
+    {'Event-Category': 'a', 'Event-Name': None},
+])
+def test_route_names_missing_key_fields(payload):
+    with pytest.raises(BadMessage) as info:
+        route_names(payload)
+    assert info.value.reason == 'missing key field'
+
+
+def test_route_names_scalar_values():
+    assert route_names({'Event-Category': 7, 'Event-Name': True})[0] == \
+        'kazoo:consumer-event-7-true'
