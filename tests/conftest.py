@@ -52,12 +52,12 @@ def rabbitmqctl(*args, check=True):
                           check=check, timeout=60).stdout
 
 
-def close_connections(name_part):
-    """Close, from the broker side, every connection whose name contains ``name_part``."""
+def close_connections(*name_parts):
+    """Close, from the broker side, every connection whose name contains one of ``name_parts``."""
     out = rabbitmqctl('list_connections', 'pid', 'client_properties')
     closed = 0
     for line in out.splitlines():
-        if name_part in line and line.startswith('<'):
+        if line.startswith('<') and any(part in line for part in name_parts):
             pid = line.split('\t', 1)[0]
             rabbitmqctl('close_connection', pid, 'closed by the test suite', check=False)
             closed += 1

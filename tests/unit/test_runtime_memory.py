@@ -163,7 +163,7 @@ def test_failing_handlers_do_not_kill_workers(consumer):
 
 def test_handlers_see_payload_envelope_and_metadata(consumer):
     kz, exchange, seen = consumer(routing_key='update.*')
-    kz.add_route('kazoo:consumer-event', lambda p, m: seen.append((p, m)))
+    kz.add_route('kazoo:consumer-event-t', lambda p, m: seen.append((p, m)))
     msg_id = kz.publish(exchange, 'update.alice', event('t', 'x'), headers={'h': 'v'})
     payload, meta = wait_for(lambda: seen)[0]
     assert payload['Msg-ID'] == msg_id
@@ -172,7 +172,7 @@ def test_handlers_see_payload_envelope_and_metadata(consumer):
     assert payload['Node'] == kz.node
     assert (meta.exchange, meta.routing_key, meta.headers, meta.redelivered) == \
         (exchange, 'update.alice', {'h': 'v'}, False)
-    assert meta.route == 'kazoo:consumer-event'
+    assert meta.route == 'kazoo:consumer-event-t'
 
 
 def test_consistent_worker_keeps_order_per_key(consumer):
@@ -243,7 +243,7 @@ def test_query_timeout_is_a_real_deadline(runtimes):
 
 def test_invalid_payload_raises_and_sends_nothing(consumer):
     kz, exchange, seen = consumer()
-    kz.add_route('kazoo:consumer-event', lambda p, m: seen.append(p))
+    kz.add_route('kazoo:consumer-event-a', lambda p, m: seen.append(p))
     for bad in ('{not json', '[1]', 17):
         with pytest.raises(InvalidPayload):
             kz.publish(exchange, 'a', bad)

@@ -1,0 +1,75 @@
+"""Responders written with plain kombu/py-amqp, independent of kazoo_green.
+
+``style='kazoo'`` answers the Kazoo way only: exchange ``targeted``, routing key
+``Server-ID``, ``Msg-ID`` copied into the body; AMQP properties are ignored.
+``style='generic'`` answers the generic AMQP way only: ``reply_to`` with the
+request's ``correlation_id``; the body carries no ``Msg-ID``.
+"""
+
+import socket
+
+import amqp
+import gevent
+import simplejson
+from gevent.lock import RLock
+from kombu import Connection
+
+from ..conftest import RABBIT_URL, unique
+
+
+class PlainResponder(object):
+    def __init__(self, exchange, routing_key, style, delay=0.0, url=RABBIT_URL):
+        self.style = style
+        self.delay = delay
+        self.requests = []
+        self.conn = Connection(url)
+        self.conn.connect()
+        self.channel = self.conn.channel()
+        # py-amqp declares auto_delete=True unless told; Kazoo's are not.
+        self.channel.exchange_declare(exchange=exchange, type='topic', auto_delete=False)
+        self.channel.exchange_declare(exchange='targeted', type='direct', auto_delete=False)
+        queue = unique('responder')
+        self.channel.queue_declare(queue=queue, auto_delete=True)
+        self.channel.queue_bind(queue=queue, exchange=exchange, routing_key=routing_key)
+        self.channel.basic_consume(queue=queue, no_ack=True, callback=self._on_request)
+        self._lock = RLock()
+        self._running = True
+        self._reader = gevent.spawn(self._read)
+
+    def _read(self):
+        while self._running:
+            try:
+                with self._lock:
+                    self.conn.drain_events(timeout=0.05)
+            except socket.timeout:
+                pass
+            gevent.sleep(0)
+
+    def _on_request(self, message):
+        request = simplejson.loads(message.body)
+        self.requests.append((request, dict(message.properties)))
+        if self.delay:
+            gevent.spawn_later(self.delay, self._answer, request, message.properties)
+        else:
+            self._answer(request, message.properties)
+
+    def _answer(self, request, props):
+        body = {'Answer': request.get('To'), 'Style': self.style}
+        if self.style == 'kazoo':
+            body['Msg-ID'] = request['Msg-ID']
+            msg = amqp.Message(simplejson.dumps(body), content_type='application/json')
+            exchange, key = 'targeted', request['Server-ID']
+        else:
+            msg = amqp.Message(simplejson.dumps(body), content_type='application/json',
+                               correlation_id=props['correlation_id'])
+            exchange, key = '', props['reply_to']
+        with self._lock:
+            self.channel.basic_publish(msg, exchange=exchange, routing_key=key)
+
+    def close(self):
+        self._running = False
+        self._reader.join(1)
+        try:
+            self.conn.release()
+        except Exception:
+            pass

@@ -1,0 +1,403 @@
+"""Every public operation against the real RabbitMQ on 127.0.0.1:5672."""
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from time import monotonic
+
+import gevent
+import pytest
+
+from kazoo_green import (
+    ConnectionLost, KazooError, PublishNacked, QueryTimeout, UnknownExchange, Unroutable,
+)
+
+from ..conftest import (
+    RABBIT_URL, close_connections, queue_counts, rabbitmqctl, unique, wait_for,
+)
+from .responders import PlainResponder
+
+
+def event(category, name, **fields):
+    payload = {'Event-Category': category, 'Event-Name': name}
+    payload.update(fields)
+    return payload
+
+
+@pytest.fixture
+def cleanup():
+    """Names of queues/exchanges to delete after the test."""
+    queues, exchanges = [], []
+    yield queues, exchanges
+    for q in queues:
+        rabbitmqctl('delete_queue', q, check=False)
+    for e in exchanges:
+        rabbitmqctl('eval', '%s' % _delete_exchange_eval(e), check=False)
+
+
+def _delete_exchange_eval(name):
+    return ('rabbit_exchange:delete(rabbit_misc:r(<<"/">>, exchange, <<"%s">>), false, '
+            '<<"tests">>).' % name)
+
+
+@pytest.fixture
+def responder():
+    made = []
+
+    def make(exchange, routing_key='route.req', style='kazoo', delay=0.0):
+        r = PlainResponder(exchange, routing_key, style, delay)
+        made.append(r)
+        return r
+
+    yield make
+    for r in made:
+        r.close()
+
+
+# -- publish ---------------------------------------------------------------
+
+def test_publish_plain_confirmed_persistent(runtimes):
+    consumer = runtimes(RABBIT_URL)
+    exchange, seen = unique('ex'), []
+    consumer.add_route('kazoo:consumer-event-a', lambda p, m: seen.append((p, m)))
+    consumer.subscribe(exchange, 'k.#', exchange_type='topic')
+    consumer.start()
+    assert consumer.wait_connected(5)
+
+    kz = runtimes(RABBIT_URL)
+    kz.publish(exchange, 'k.1', event('a', 'b', n=1))
+    kz.publish(exchange, 'k.2', '{"Event-Category": "a", "Event-Name": "b", "n": 2}',
+               confirm=True, persistent=True)
+    assert wait_for(lambda: len(seen) == 2)
+    by_n = {p['n']: m for p, m in seen}
+    assert by_n[2].properties.get('delivery_mode') == 2
+    assert kz.stats()['confirmed'] == 1
+    assert kz.stats()['published'] == 2
+
+
+def test_mandatory_publish_is_returned_and_counted(runtimes):
+    kz = runtimes(RABBIT_URL)
+    kz.publish('amq.topic', unique('nobody'), event('a', 'b'), mandatory=True, confirm=True)
+    assert wait_for(lambda: kz.stats()['returned'] == 1, timeout=5)
+
+
+def test_unknown_exchange_fails_that_call_only(runtimes, responder):
+    exchange = unique('callmgr')
+    responder(exchange, delay=0.3)
+    kz = runtimes(RABBIT_URL)
+    kz.start()
+    jobs = [gevent.spawn(kz.query, exchange, 'route.req', event('route', 'req', To='u%d' % i))
+            for i in range(20)]
+    gevent.sleep(0.1)  # all 20 are in flight now
+    for call in (kz.publish, kz.query):
+        with pytest.raises(UnknownExchange):
+            call(unique('missing'), 'x', event('a', 'b'))
+    with pytest.raises(UnknownExchange):
+        kz.publish(unique('missing'), 'x', event('a', 'b'), confirm=True)
+    gevent.joinall(jobs, timeout=10, raise_error=True)
+    assert [j.value['Answer'] for j in jobs] == ['u%d' % i for i in range(20)]
+    assert kz.query(exchange, 'route.req', event('route', 'req', To='after'))['Answer'] == 'after'
+
+
+# -- query -----------------------------------------------------------------
+
+@pytest.mark.parametrize('style', ['kazoo', 'generic'])
+@pytest.mark.parametrize('started', [False, True], ids=['caller-driven', 'background'])
+def test_query_both_reply_styles(runtimes, responder, style, started):
+    exchange = unique('callmgr')
+    r = responder(exchange, style=style)
+    kz = runtimes(RABBIT_URL)
+    if started:
+        kz.start()
+    reply = kz.query(exchange, 'route.req', event('route', 'req', To='alice'))
+    assert reply == {'Answer': 'alice', 'Style': style, **(
+        {'Msg-ID': r.requests[0][0]['Msg-ID']} if style == 'kazoo' else {})}
+    request, props = r.requests[0]
+    # Both styles are always offered.
+    assert request['Server-ID'] == kz.server_id
+    assert props['reply_to'].startswith('amq.rabbitmq.reply-to.')  # the broker expands it
+    assert props['correlation_id'] == request['Msg-ID']
+    for field in ('App-Name', 'App-Version', 'Node', 'Msg-ID'):
+        assert field in request
+
+    jobs = [gevent.spawn(kz.query, exchange, 'route.req', event('route', 'req', To='u%d' % i))
+            for i in range(50)]
+    gevent.joinall(jobs, timeout=20, raise_error=True)
+    assert [j.value['Answer'] for j in jobs] == ['u%d' % i for i in range(50)]
+    stats = kz.stats()
+    assert stats['queries_ok'] == 51 and stats['pending_queries'] == 0
+
+
+def test_one_reply_queue_per_process(runtimes, responder):
+    exchange = unique('callmgr')
+    responder(exchange)
+    kz = runtimes(RABBIT_URL)
+    for i in range(5):
+        kz.query(exchange, 'route.req', event('route', 'req', To='x'))
+    out = rabbitmqctl('list_queues', 'name')
+    assert sum(1 for line in out.splitlines() if kz.node in line) == 1
+
+
+def test_query_timeout_and_late_reply_is_counted(runtimes, responder):
+    exchange = unique('callmgr')
+    responder(exchange, delay=0.6)
+    kz = runtimes(RABBIT_URL)
+    started = monotonic()
+    with pytest.raises(QueryTimeout):
+        kz.query(exchange, 'route.req', event('route', 'req', To='slow'), timeout=0.3)
+    assert monotonic() - started < 1.5
+    # The late reply arrives on the next read and is counted, not mistaken.
+    gevent.sleep(0.5)
+    kz.start()
+    assert wait_for(lambda: kz.stats()['replies_unmatched'] == 1, timeout=5)
+    assert kz.stats()['queries_timeout'] == 1
+
+
+def test_unroutable_query_fails_fast(runtimes):
+    kz = runtimes(RABBIT_URL)
+    started = monotonic()
+    with pytest.raises(Unroutable):
+        kz.query('amq.topic', unique('nobody'), event('a', 'b'), timeout=5)
+    assert monotonic() - started < 2
+
+
+# -- consume ---------------------------------------------------------------
+
+def test_dead_letters_for_handler_errors_and_bad_input(runtimes, cleanup):
+    queues, exchanges = cleanup
+    exchange, dlx, dlq = unique('ex'), unique('dlx'), unique('dlq')
+    queues.append(dlq)
+    exchanges.extend([exchange, dlx])
+    holder = runtimes(RABBIT_URL)  # declares the dead-letter exchange and queue
+    holder.subscribe(dlx, '#', queue=dlq, exchange_type='fanout', auto_delete=False)
+    holder._subscriber.add  # (not started: the DLQ just holds messages)
+    kz = runtimes(RABBIT_URL)
+    seen = []
+
+    @kz.event_route('kazoo:consumer-event-t')
+    def handler(payload, meta):
+        seen.append(payload['n'])
+        if payload['n'] == 1:
+            raise RuntimeError('fail on purpose')
+
+    kz.subscribe(exchange, '#', exchange_type='topic',
+                 queue_arguments={'x-dead-letter-exchange': dlx})
+    holder.start()
+    kz.start()
+    assert holder.wait_connected(5) and kz.wait_connected(5)
+    holder.stop()  # its queue stays (auto_delete=False), nobody consumes it
+    kz.publish(exchange, 'a', event('t', 'x', n=1))
+    kz.publish(exchange, 'a', event('t', 'x', n=2))
+    _raw_publish(exchange, 'a', b'this is not json')
+    assert wait_for(lambda: kz.stats()['acked'] + kz.stats()['rejected'] == 3)
+    assert wait_for(lambda: (queue_counts(dlq) or (0, 0))[0] == 2)
+    stats = kz.stats()
+    assert (stats['acked'], stats['rejected'], stats['bad_input'], stats['handler_errors']) \
+        == (1, 2, 1, 1)
+
+
+def _raw_publish(exchange, routing_key, body):
+    from kombu import Connection
+    import amqp
+    with Connection(RABBIT_URL) as conn:
+        conn.channel().basic_publish(amqp.Message(body), exchange=exchange,
+                                     routing_key=routing_key)
+
+
+def test_quorum_queue_subscription(runtimes, cleanup):
+    queues, _ = cleanup
+    queue = unique('quorum')
+    queues.append(queue)
+    kz = runtimes(RABBIT_URL)
+    seen = []
+    kz.add_route('kazoo:consumer-event-a', lambda p, m: seen.append(p['n']))
+    exchange = unique('ex')
+    cleanup[1].append(exchange)
+    kz.subscribe(exchange, 'q.*', queue=queue, exchange_type='topic', durable=True,
+                 auto_delete=False, queue_arguments={'x-queue-type': 'quorum'})
+    kz.start()
+    assert kz.wait_connected(10)
+    for n in range(5):
+        kz.publish(exchange, 'q.x', event('a', 'b', n=n), confirm=True)
+    assert wait_for(lambda: sorted(seen) == list(range(5)))
+    assert 'quorum' in rabbitmqctl('list_queues', 'name', 'type')
+
+
+def test_prefetch_bounds_messages_in_flight(runtimes):
+    kz = runtimes(RABBIT_URL, workers=8)
+    exchange = unique('ex')
+    running, peak, done = [0], [0], []
+
+    @kz.event_route('kazoo:consumer-event-t')
+    def slow(payload, meta):
+        running[0] += 1
+        peak[0] = max(peak[0], running[0])
+        gevent.sleep(0.1)
+        running[0] -= 1
+        done.append(1)
+
+    kz.subscribe(exchange, '#', exchange_type='topic', prefetch=3)
+    kz.start()
+    assert kz.wait_connected(5)
+    for n in range(12):
+        kz.publish(exchange, 'a', event('t', 'x', n=n))
+    assert wait_for(lambda: len(done) == 12)
+    assert peak[0] == 3
+
+
+def test_subscribe_after_start_and_type_mismatch_is_a_clear_error(runtimes, cleanup):
+    kz = runtimes(RABBIT_URL)
+    kz.start()
+    exchange = unique('ex')
+    cleanup[1].append(exchange)
+    seen = []
+    kz.add_route('kazoo:consumer-event-a', lambda p, m: seen.append(p))
+    kz.subscribe(exchange, 'a', exchange_type='topic')
+    assert kz.wait_connected(5)
+    kz.publish(exchange, 'a', event('a', 'b'))
+    assert wait_for(lambda: seen)
+    with pytest.raises(KazooError) as info:
+        kz.subscribe(exchange, 'a', exchange_type='fanout')  # exists as topic
+    assert 'PRECONDITION_FAILED' in str(info.value)
+    kz.publish(exchange, 'a', event('a', 'b'))  # the runtime still works
+    assert wait_for(lambda: len(seen) == 2)
+
+
+def test_late_ack_message_redelivered_after_handler_process_dies(runtimes, cleanup, tmp_path):
+    queues, exchanges = cleanup
+    exchange, queue = unique('ex'), unique('q')
+    queues.append(queue)
+    exchanges.append(exchange)
+    script = tmp_path / 'dying.py'
+    script.write_text(textwrap.dedent('''
+        import os, signal, sys
+        import kazoo_green
+        kz = kazoo_green.Kazoo(%r)
+        @kz.event_route('kazoo:consumer-event-a')
+        def die(payload, meta):
+            print('handling', payload['n'], flush=True)
+            os.kill(os.getpid(), signal.SIGKILL)   # the process dies mid-handler
+        kz.subscribe(%r, '#', queue=%r, exchange_type='topic', ack=sys.argv[1],
+                     auto_delete=False)
+        kz.run()
+    ''' % (RABBIT_URL, exchange, queue)))
+    publisher = runtimes(RABBIT_URL)
+
+    def run_dying(ack, n):
+        proc = subprocess.Popen([sys.executable, str(script), ack], stdout=subprocess.PIPE,
+                                text=True)
+        assert wait_for(lambda: queue_counts(queue) is not None, timeout=15)
+        publisher.publish(exchange, 'x', event('a', 'b', n=n), confirm=True)
+        proc.wait(timeout=15)
+        assert proc.returncode == -signal.SIGKILL
+        assert 'handling %d' % n in proc.stdout.read()
+
+    run_dying('late', 1)
+    assert wait_for(lambda: queue_counts(queue) == (1, 0), timeout=5)  # back in the queue
+    survivor = runtimes(RABBIT_URL)
+    got = []
+    survivor.add_route('kazoo:consumer-event-a', lambda p, m: got.append((p['n'], m.redelivered)))
+    survivor.subscribe(exchange, '#', queue=queue, exchange_type='topic', auto_delete=False)
+    survivor.start()
+    assert wait_for(lambda: got) == [(1, True)]
+    survivor.stop()
+
+    run_dying('early', 2)  # acked before the handler ran: lost with the process
+    assert wait_for(lambda: queue_counts(queue) == (0, 0), timeout=5)
+
+
+# -- broker-side connection loss -------------------------------------------
+
+def test_reconnect_after_broker_closes_connections_loses_nothing(runtimes):
+    exchange = unique('ex')
+    consumer = runtimes(RABBIT_URL, workers=4)
+    seen, events = [], []
+    consumer.add_route('kazoo:consumer-event-t', lambda p, m: seen.append(p['n']))
+    consumer.add_route('kazoo:consumer-event-connection',
+                       lambda p, m: events.append((p['Event-Name'], p['Link'])))
+    consumer.subscribe(exchange, '#', exchange_type='topic', queue=unique('q'),
+                       auto_delete=False)
+    consumer.start()
+    assert consumer.wait_connected(5)
+    publisher = runtimes(RABBIT_URL)
+    publisher.start()
+    total = 20000
+    sent = []
+
+    def produce():
+        for n in range(total):
+            publisher.publish(exchange, 'a', event('t', 'x', n=n), confirm=True)
+            sent.append(n)
+
+    job = gevent.spawn(produce)
+    assert wait_for(lambda: len(sent) > 1000, timeout=20)
+    assert close_connections(consumer.node, publisher.node) == 3
+    assert not job.ready()  # the kill came mid-stream
+    job.join(timeout=60)
+    assert job.successful(), job.exception
+    assert wait_for(lambda: set(seen) >= set(range(total)), timeout=30), \
+        'missing: %s' % sorted(set(range(total)) - set(seen))[:20]
+    print('\nreconnect test: %d published, %d handled (%d duplicates), reconnects '
+          'consumer=%d publisher=%d' % (total, len(seen), len(seen) - len(set(seen)),
+                                        consumer.stats()['reconnects'],
+                                        publisher.stats()['reconnects']))
+    assert wait_for(lambda: publisher.connected and consumer.connected)
+    assert consumer.stats()['reconnects'] >= 2, str(consumer.stats())
+    assert publisher.stats()['reconnects'] >= 1, str(publisher.stats())
+    assert ('closed', 'consume') in events and events.count(('open', 'consume')) >= 2
+    rabbitmqctl('delete_queue', consumer._subscriber.subscriptions[0].queue_in_use, check=False)
+
+
+@pytest.mark.parametrize('started', [False, True], ids=['caller-driven', 'background'])
+def test_pending_query_fails_at_once_when_the_connection_dies(runtimes, responder, started):
+    exchange = unique('callmgr')
+    responder(exchange, delay=5)
+    kz = runtimes(RABBIT_URL)
+    if started:
+        kz.start()
+        assert kz.wait_connected(5)
+    job = gevent.spawn(kz.query, exchange, 'route.req', event('route', 'req'), timeout=10)
+    gevent.sleep(0.3)
+    started_at = monotonic()
+    assert close_connections(kz.node) >= 1
+    job.join(timeout=5)
+    assert isinstance(job.exception, ConnectionLost), job.exception
+    assert monotonic() - started_at < 2
+    # The next call reconnects (caller-driven) or finds the reconnected link.
+    responder(exchange, routing_key='route.fast')
+    wait_for(lambda: kz.connected or not started, timeout=5)
+    assert kz.query(exchange, 'route.fast', event('route', 'req', To='b'))['Answer'] == 'b'
+
+
+def test_broker_outage_buffers_publishes_and_flushes_them_in_order(runtimes, cleanup):
+    queues, exchanges = cleanup
+    exchange, queue = unique('ex'), unique('q')
+    queues.append(queue)
+    exchanges.append(exchange)
+    consumer = runtimes(RABBIT_URL, workers=1)
+    seen = []
+    consumer.add_route('kazoo:consumer-event-a', lambda p, m: seen.append(p['n']))
+    consumer.subscribe(exchange, '#', queue=queue, exchange_type='topic', durable=True,
+                       auto_delete=False, exchange_durable=True)
+    consumer.start()
+    publisher = runtimes(RABBIT_URL)
+    publisher.start()
+    assert consumer.wait_connected(5) and publisher.wait_connected(5)
+    publisher.publish(exchange, 'a', event('a', 'b', n=0))
+    assert wait_for(lambda: seen == [0])
+    rabbitmqctl('stop_app')
+    try:
+        assert wait_for(lambda: not publisher.connected, timeout=10)
+        for n in range(1, 101):
+            publisher.publish(exchange, 'a', event('a', 'b', n=n))
+        assert publisher.stats()['buffer_size'] == 100
+        with pytest.raises(KazooError):
+            publisher.query(exchange, 'a', event('a', 'b'), timeout=1)
+    finally:
+        rabbitmqctl('start_app')
+    assert wait_for(lambda: len(seen) == 101, timeout=30), seen[-5:]
+    assert seen == list(range(101))
+    assert publisher.stats()['buffer_flushed'] == 100
+    assert consumer.stats()['reconnects'] >= 1
