@@ -493,6 +493,10 @@ class PlainQuerier(object):
         self.channel = self.conn.channel()
         self.producer = Producer(self.channel,
                                  exchange=Exchange(EX_CALLMGR, type='topic', durable=False))
+        # Producer.publish does maybe_declare(exchange) on its first call, a
+        # synchronous round trip: do it now, before a reader greenlet owns the
+        # socket (else two greenlets wait on it: ConcurrentObjectUseError).
+        self.producer.maybe_declare(self.producer.exchange)
         self.replies = {}
         self.channel.basic_consume(queue=DIRECT_REPLY_TO, no_ack=True,
                                    callback=self._on_reply)
