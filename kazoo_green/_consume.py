@@ -3,6 +3,8 @@
 import logging
 import os
 
+import gevent
+
 from . import _defaults as D
 from ._dispatch import Delivery
 from .errors import BadMessage, KazooError
@@ -117,9 +119,26 @@ class Subscriber(object):
             received(sub, channel, raw)
 
         channel.basic_consume(queue=name, no_ack=no_ack, callback=on_message,
-                              consumer_tag=sub.tag)
+                              consumer_tag=sub.tag, on_cancel=self._cancelled)
         sub.channel = channel
         sub.queue_in_use = name
+
+    def _cancelled(self, tag):
+        """The broker cancelled a consumer (its queue was deleted): set it up again."""
+        for sub in self.subscriptions:
+            if sub.tag == tag:
+                log.warning('broker cancelled the consumer of %r; declaring it again', sub)
+                sub.channel = None
+                gevent.spawn(self._restore, sub)
+
+    def _restore(self, sub):
+        link = self.link
+        if not link.connected:
+            return  # the next connect sets every subscription up
+        try:
+            link.rpc(self._setup, sub, link._conn)
+        except Exception as exc:
+            log.error('cannot restore %r: %s', sub, exc)
 
     def _down(self, link, exc):
         for sub in self.subscriptions:

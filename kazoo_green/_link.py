@@ -25,6 +25,7 @@ import socket
 from time import monotonic
 
 import gevent
+from gevent import monkey
 from gevent.event import Event
 from gevent.lock import RLock
 from kombu import Connection
@@ -35,6 +36,10 @@ from .errors import ConnectionLost, NotConnected
 __all__ = ['Link', 'parse_brokers']
 
 log = logging.getLogger('kazoo_green')
+
+# The real poll(2): asks the kernel whether the socket has data, never waits.
+_poll = monkey.get_original('select', 'poll')
+_POLLIN = 0x001
 
 
 def parse_brokers(brokers):
@@ -75,6 +80,7 @@ class Link(object):
         self.supports_amqp = False
         self._conn = None
         self._raw = None
+        self._poller = None
         self._pid = None
         self._wlock = RLock()
         self._rlock = RLock()
@@ -122,7 +128,7 @@ class Link(object):
         pid = os.getpid()
         if self._pid != pid:
             # Inherited through fork: the parent owns that socket; forget it.
-            self._conn = self._raw = None
+            self._conn = self._raw = self._poller = None
             self.connected = False
             self._reader = None
             self._up = Event()
@@ -158,7 +164,14 @@ class Link(object):
         caller connects, bounded by ``deadline``.
         """
         if self.connected and self._pid == os.getpid():
-            return
+            if self._reader is not None or self._poller is None or not self._poller.poll(0):
+                return
+            # Caller-driven and the broker sent something since our last read
+            # (a connection close, late replies): read it before writing, or a
+            # publish could go into a connection the broker already closed.
+            self._drain_pending()
+            if self.connected:
+                return
         self._check_pid()
         if self._reader is not None:
             if wait or not self.ever_connected:
@@ -208,6 +221,10 @@ class Link(object):
                 raise NotConnected('%s link: cannot connect to %s: %s'
                                    % (self.name, self.describe(), exc)) from exc
             self._raw = raw
+            self._poller = None
+            if self.supports_amqp:
+                self._poller = _poll()
+                self._poller.register(raw.transport.sock.fileno(), _POLLIN)
             self.host = conn.host if conn.port else conn.as_uri()
             self.generation += 1
             self.connected = True
@@ -223,6 +240,23 @@ class Link(object):
             except Exception:
                 log.exception('%s link: on-connect callback failed', self.name)
 
+    def _drain_pending(self):
+        """Read what is waiting on the socket, without blocking for more."""
+        if not self._rlock.acquire(blocking=False):
+            return  # another greenlet is reading it right now
+        gen = self.generation
+        try:
+            drain = self._conn.transport.drain_events
+            while self.connected and gen == self.generation and self._poller.poll(0):
+                try:
+                    drain(self._raw, timeout=self.poll_interval)
+                except socket.timeout:
+                    break
+        except self._errors as exc:
+            self.lost(exc, gen)
+        finally:
+            self._rlock.release()
+
     def _connect_failed(self, exc, interval):
         self.stats.connection_errors += 1
         log.warning('%s link: cannot connect to %s: %s', self.name,
@@ -231,7 +265,7 @@ class Link(object):
     def _drop(self):
         """Forget the current connection without talking to the broker."""
         conn = self._conn
-        self._raw = None
+        self._raw = self._poller = None
         if conn is None:
             return
         try:

@@ -401,3 +401,37 @@ def test_broker_outage_buffers_publishes_and_flushes_them_in_order(runtimes, cle
     assert seen == list(range(101))
     assert publisher.stats()['buffer_flushed'] == 100
     assert consumer.stats()['reconnects'] >= 1
+
+
+def test_caller_driven_publish_after_broker_side_close_is_not_lost(runtimes):
+    """A SIP worker publishes rarely: a close the broker sent meanwhile must be noticed."""
+    exchange = unique('ex')
+    consumer = runtimes(RABBIT_URL)
+    seen = []
+    consumer.add_route('kazoo:consumer-event-a', lambda p, m: seen.append(p['n']))
+    consumer.subscribe(exchange, '#', exchange_type='topic')
+    consumer.start()
+    assert consumer.wait_connected(5)
+    worker = runtimes(RABBIT_URL)  # never started, like a SIP worker
+    worker.publish(exchange, 'a', event('a', 'b', n=1))
+    assert wait_for(lambda: seen == [1])
+    assert close_connections(worker.node) == 1
+    gevent.sleep(0.5)  # the worker is idle: nothing reads its socket
+    worker.publish(exchange, 'a', event('a', 'b', n=2))
+    assert wait_for(lambda: seen == [1, 2], timeout=5), seen
+    assert worker.stats()['reconnects'] == 1
+
+
+def test_consumer_cancelled_by_the_broker_is_restored(runtimes):
+    exchange, queue = unique('ex'), unique('q')
+    kz = runtimes(RABBIT_URL)
+    seen = []
+    kz.add_route('kazoo:consumer-event-a', lambda p, m: seen.append(p['n']))
+    kz.subscribe(exchange, '#', queue=queue, exchange_type='topic')
+    kz.start()
+    assert kz.wait_connected(5)
+    rabbitmqctl('delete_queue', queue)  # an operator deletes it under us
+    assert wait_for(lambda: queue_counts(queue) is not None, timeout=5)
+    kz.publish(exchange, 'a', event('a', 'b', n=1))
+    assert wait_for(lambda: seen == [1]), seen
+    assert kz.stats()['reconnects'] == 0  # restored without dropping the connection
