@@ -29,6 +29,10 @@ integration: venv
 	bash tests/tools/services.sh
 	$(PY) -m pytest tests/integration $(PYTEST_ARGS)
 
+e2e: venv
+	bash tests/tools/services.sh
+	$(PY) -m pytest tests/e2e $(PYTEST_ARGS)
+
 bench: venv
 	bash tests/tools/services.sh
 	$(PY) bench/core_bench.py

@@ -49,6 +49,9 @@ def _late_reply(request, meta, reply):
 
 if __name__ == '__main__':
     logging.basicConfig(level=logging.INFO, format='%(asctime)s %(levelname)s %(message)s')
+    # auto_delete: when the last responder goes away, so does the queue, and requesters
+    # (which publish queries as mandatory) get an immediate "unroutable" instead of
+    # waiting for their timeout.
     kz.subscribe('callmgr', 'route.req', exchange_type='topic', queue='responder-route-req',
-                 ack='early', prefetch=256)
+                 auto_delete=True, ack='early', prefetch=256)
     kz.run()

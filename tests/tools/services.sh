@@ -1,13 +1,29 @@
 #!/usr/bin/env bash
-# Start what the test suite needs and is not started by the machine:
-# RabbitMQ on 127.0.0.1:5672 (started here only if it is not running).
+# Install and start what the test suite needs and the machine does not provide:
+# Kamailio with app_python3, sipp (Debian packages), RabbitMQ on 127.0.0.1:5672
+# (started here only if it is not running).
 set -euo pipefail
+
+apt_updated=
+apt_install() {
+    [ -n "$apt_updated" ] || { apt-get update -q; apt_updated=1; }
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q "$@"
+}
+
+need=()
+command -v kamailio >/dev/null 2>&1 || need+=(kamailio)
+[ -f /usr/lib/x86_64-linux-gnu/kamailio/modules/app_python3.so ] \
+    || ls /usr/lib/*/kamailio/modules/app_python3.so >/dev/null 2>&1 \
+    || need+=(kamailio-python3-modules)
+command -v sipp >/dev/null 2>&1 || need+=(sip-tester)
+if [ ${#need[@]} -gt 0 ]; then
+    echo "services.sh: installing ${need[*]}" >&2
+    apt_install kamailio kamailio-python3-modules sip-tester
+fi
 
 rabbit_up() { rabbitmqctl -q status >/dev/null 2>&1; }
 
-if ! command -v rabbitmq-server >/dev/null 2>&1; then
-    apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q rabbitmq-server
-fi
+command -v rabbitmq-server >/dev/null 2>&1 || apt_install rabbitmq-server
 if ! rabbit_up; then
     echo "services.sh: starting RabbitMQ" >&2
     rabbitmq-server -detached

@@ -1,0 +1,314 @@
+"""Kamailio glue (app_python3 / KEMI): fork handling, the consumer process, async queries.
+
+A Kamailio script becomes a few lines::
+
+    import kazoo_green.kemi as kemi
+
+    kz = kemi.Kazoo(os.environ.get('KAZOO_GREEN_BROKERS'), app_name='kamailio')
+
+    class Router(kemi.Handler):
+        def ksr_request_route(self, msg):
+            reply = kz.query('callmgr', 'route.req', {...})        # SIP worker, blocks
+            ...
+            kz.async_query('callmgr', 'route.req', {...},          # suspends the transaction
+                           on_reply='route_reply', on_timeout='route_timeout')
+        def route_reply(self, msg):                                 # resumed in the consumer
+            reply = kz.reply()
+            ...
+
+    def mod_init():
+        return Router(kz)
+
+with, in kamailio.cfg, ``rtimer`` running ``kazoo_consumer`` in a process of its own
+(``mode=1``; ``mode=N`` for N processes)::
+
+    modparam("rtimer", "timer", "name=kazoo;interval=1;mode=1;")
+    modparam("rtimer", "exec", "timer=kazoo;route=kazoo_consumer")
+
+What runs where (see ../shared/KAMAILIO.md): ``mod_init`` runs once before Kamailio
+forks, so building the runtime does no I/O; ``child_init`` calls ``gevent.reinit()`` in
+every child; SIP workers use the caller-driven mode (nothing runs there between two SIP
+messages); the rtimer process runs the background readers, the event-route workers and
+the async resumes forever.
+
+Async queries go through a reply queue shared by the Kamailio instance, named
+``<node>-async``: every process declares it (bound to ``targeted``) before its first
+request, so a reply always finds it. The SIP worker suspends the transaction, then sends
+the consumer process a notice (transaction, methods, deadline) through that queue and
+publishes the request. The consumer process resumes the transaction with
+``t_continue`` into ``on_reply`` when the reply comes, or into ``on_timeout`` at the
+deadline. Resume details also travel in the ``Msg-ID``, so a reply is resumed by
+whichever consumer process gets it.
+"""
+
+import logging
+import os
+import re
+from time import monotonic
+
+import gevent
+import gevent.local
+
+from . import runtime
+from .errors import KazooError
+from .wire import dumps, loads_payload, new_msg_id
+
+__all__ = ['Kazoo', 'Handler', 'KSRLogHandler', 'use_kamailio_log']
+
+log = logging.getLogger('kazoo_green')
+
+_METHOD = re.compile(r'^[A-Za-z_][A-Za-z0-9_]{0,63}$')
+_ASYNC_PREFIX = 'kgasync'
+# How long a resumed Msg-ID is remembered, to drop a notice that comes after its reply.
+_DONE_TTL = 60.0
+
+
+def _ksr():
+    import KSR  # only importable inside Kamailio (or a test's fake)
+    return KSR
+
+
+class KSRLogHandler(logging.Handler):
+    """Send Python log records to Kamailio's log with the matching level."""
+
+    def emit(self, record):
+        try:
+            KSR = _ksr()
+            text = self.format(record) + '\n'
+            if record.levelno >= logging.ERROR:
+                KSR.err(text)
+            elif record.levelno >= logging.WARNING:
+                KSR.warn(text)
+            elif record.levelno >= logging.INFO:
+                KSR.info(text)
+            else:
+                KSR.dbg(text)
+        except Exception:  # logging must never break routing
+            pass
+
+
+def use_kamailio_log(level=logging.INFO):
+    """Route the ``kazoo_green`` logger to Kamailio's log when running inside it."""
+    try:
+        _ksr()
+    except ImportError:
+        return False
+    logger = logging.getLogger('kazoo_green')
+    if not any(isinstance(h, KSRLogHandler) for h in logger.handlers):
+        handler = KSRLogHandler()
+        handler.setFormatter(logging.Formatter('kazoo_green: %(message)s'))
+        logger.addHandler(handler)
+        logger.setLevel(level)
+        logger.propagate = False
+    return True
+
+
+class _Resume(gevent.local.local):
+    reply = None
+    error = None
+
+
+class Kazoo(runtime.Kazoo):
+    """A runtime with Kamailio's async query (suspend/resume) on top."""
+
+    def __init__(self, brokers=None, **kwargs):
+        kwargs.setdefault('app_name', 'kamailio')
+        super(Kazoo, self).__init__(brokers, **kwargs)
+        self.async_queue = '%s-async' % self.node
+        self._resume = _Resume()
+        self._async_pending = {}   # Msg-ID -> (index, label, on_timeout, timer)
+        self._async_done = {}      # Msg-ID -> time resumed
+        self._consuming_async = False
+        self._pub_link.add_up_hook(self._declare_async_queue)
+        self._sub_link.add_up_hook(self._consume_async_queue)
+
+    # -- both sides -----------------------------------------------------
+    def _declare_async_queue(self, conn, channel=None):
+        channel = channel or self._publisher.channel
+        channel.queue_declare(queue=self.async_queue, durable=False, exclusive=False,
+                              auto_delete=False)
+        channel.queue_bind(queue=self.async_queue, exchange='targeted',
+                           routing_key=self.async_queue)
+
+    # -- SIP worker side ------------------------------------------------
+    def async_query(self, exchange, routing_key, payload, on_reply, on_timeout,
+                    timeout=None, headers=None):
+        """Suspend the current transaction and query; resume into a method of the handler.
+
+        ``on_reply`` runs (in the consumer process) when the reply arrives: read it with
+        ``reply()``. ``on_timeout`` runs when none came within ``timeout`` seconds, or at
+        once (in this process) if the request could not be sent; ``reply_error()`` says
+        why. Returns the request's Msg-ID. Raises KazooError if the transaction cannot be
+        suspended (nothing was sent then).
+        """
+        for name in (on_reply, on_timeout):
+            if not _METHOD.match(name or ''):
+                raise ValueError('on_reply/on_timeout must be method names, not %r' % (name,))
+        timeout = timeout or self.query_timeout
+        message = self._message(payload)
+        KSR = _ksr()
+        if KSR.tm.t_newtran() < 0:
+            raise KazooError('cannot create the transaction for an async query')
+        index = int(KSR.pv.get('$T(id_index)'))
+        label = int(KSR.pv.get('$T(id_label)'))
+        if KSR.tmx.t_suspend() < 0:
+            raise KazooError('cannot suspend the transaction for an async query')
+        deadline_ms = int((monotonic() + timeout) * 1000)
+        msg_id = '%s:%d:%d:%s:%s:%d:%s' % (_ASYNC_PREFIX, index, label, on_reply, on_timeout,
+                                           deadline_ms, new_msg_id())
+        message['Msg-ID'] = msg_id
+        message['Server-ID'] = self.async_queue
+        props = {'correlation_id': msg_id, 'reply_to': self.async_queue}
+        try:
+            deadline = monotonic() + timeout
+            notice = dumps({'kg-async': msg_id})
+            self._publisher.publish('', self.async_queue, notice, deadline=deadline,
+                                    buffer=False)
+            self._publisher.publish(exchange, routing_key, dumps(message), headers, props,
+                                    deadline=deadline, buffer=False)
+            self._stats.queries += 1
+        except KazooError as exc:
+            self._stats.queries_failed += 1
+            log.warning('async query to %r/%r not sent: %s', exchange, routing_key, exc)
+            self._continue(index, label, on_timeout, None, 'not sent: %s' % exc)
+        return msg_id
+
+    def reply(self):
+        """In an ``on_reply`` method: the reply payload (a dict); None elsewhere."""
+        return self._resume.reply
+
+    def reply_error(self):
+        """In an ``on_timeout`` method: why there is no reply (text); None elsewhere."""
+        return self._resume.error
+
+    def _continue(self, index, label, method, reply, error):
+        resume = self._resume
+        resume.reply, resume.error = reply, error
+        try:
+            if _ksr().tmx.t_continue(index, label, method) < 0:
+                log.warning('t_continue(%d, %d, %s) failed: transaction gone?', index, label,
+                            method)
+        except Exception:
+            log.exception('resuming transaction %d:%d into %s failed', index, label, method)
+        finally:
+            resume.reply = resume.error = None
+
+    # -- consumer process side -----------------------------------------
+    def _consume_async_queue(self, conn):
+        if not self._consuming_async:
+            return
+        channel = conn.channel()
+        self._declare_async_queue(conn, channel)
+        channel.basic_consume(queue=self.async_queue, no_ack=True,
+                              callback=self._on_async_message, consumer_tag='kg-async')
+
+    def _on_async_message(self, message):
+        """Runs in the reading greenlet: hand every resume to a worker."""
+        try:
+            payload = loads_payload(message.body)
+        except KazooError as exc:
+            self._stats.bad_input += 1
+            log.warning('bad message on %s: %s', self.async_queue, exc)
+            return
+        notice = payload.get('kg-async')
+        if notice is not None:
+            self._on_notice(notice)
+            return
+        msg_id = message.properties.get('correlation_id') or payload.get('Msg-ID')
+        info = _parse_async_id(msg_id)
+        if info is None:
+            self._stats.replies_unmatched += 1
+            log.warning('reply on %s without an async Msg-ID: %r', self.async_queue, msg_id)
+            return
+        self._finish(msg_id, info, payload)
+
+    def _on_notice(self, msg_id):
+        info = _parse_async_id(msg_id)
+        if info is None or msg_id in self._async_done:
+            return
+        index, label, on_reply, on_timeout, deadline = info
+        delay = max(0.0, deadline - monotonic())
+        timer = gevent.get_hub().loop.timer(delay)
+        timer.start(self._expired, msg_id)
+        self._async_pending[msg_id] = timer
+
+    def _expired(self, msg_id):
+        """A hub callback: must not block, so the resume goes to a worker."""
+        timer = self._async_pending.pop(msg_id, None)
+        if timer is None:
+            return
+        timer.close()
+        info = _parse_async_id(msg_id)
+        self._mark_done(msg_id)
+        self._stats.queries_timeout += 1
+        self.dispatcher.submit(self._continue, (info[0], info[1], info[3], None, 'timeout'))
+
+    def _finish(self, msg_id, info, payload):
+        index, label, on_reply, on_timeout, deadline = info
+        timer = self._async_pending.pop(msg_id, None)
+        if timer is not None:
+            timer.close()
+        if msg_id in self._async_done:
+            self._stats.replies_unmatched += 1  # a second reply, or after the timeout
+            return
+        self._mark_done(msg_id)
+        if monotonic() > deadline:
+            self._stats.queries_timeout += 1
+            self._stats.replies_unmatched += 1
+            self.dispatcher.submit(self._continue, (index, label, on_timeout, None, 'timeout'))
+            return
+        self._stats.queries_ok += 1
+        self.dispatcher.submit(self._continue, (index, label, on_reply, payload, None))
+
+    def _mark_done(self, msg_id):
+        done = self._async_done
+        now = monotonic()
+        done[msg_id] = now
+        if len(done) > 10000:
+            for key in [k for k, t in done.items() if now - t > _DONE_TTL]:
+                del done[key]
+
+    def after_fork(self):
+        """In ``child_init``: nothing inherited from the parent is used (no I/O here)."""
+        self._async_pending = {}
+        self._async_done = {}
+
+    def run_consumer(self):
+        """The consumer process's body (from rtimer): never returns."""
+        self._consuming_async = True
+        self.start()
+        self._sub_link.start()  # the async reply queue needs it even without subscriptions
+        while True:
+            gevent.sleep(3600)
+
+
+def _parse_async_id(msg_id):
+    """(index, label, on_reply, on_timeout, deadline) from an async Msg-ID, or None."""
+    if not msg_id or not msg_id.startswith(_ASYNC_PREFIX + ':'):
+        return None
+    parts = msg_id.split(':')
+    if len(parts) != 7:
+        return None
+    try:
+        return int(parts[1]), int(parts[2]), parts[3], parts[4], int(parts[5]) / 1000.0
+    except ValueError:
+        return None
+
+
+class Handler(object):
+    """Base of the object ``mod_init()`` returns: fork handling and the consumer loop."""
+
+    def __init__(self, kz, log_level=logging.INFO):
+        self.kz = kz
+        use_kamailio_log(log_level)
+
+    def child_init(self, rank):
+        gevent.reinit()
+        self.kz.after_fork()
+        return 0
+
+    def kazoo_consumer(self, msg, evname=None):
+        """Name this in rtimer (``route=kazoo_consumer``): runs the consumer forever."""
+        log.info('consumer process %d started', os.getpid())
+        self.kz.run_consumer()
+        return 1

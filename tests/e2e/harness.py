@@ -1,0 +1,337 @@
+"""Run the Kamailio example, the example responder and sipp; read back what happened.
+
+Used by the end-to-end tests and by bench/kamailio_bench.py. Everything listens on
+127.0.0.1 only.
+"""
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+PYTHON = os.path.join(ROOT, '.venv', 'bin', 'python')
+KAMAILIO_CFG = os.path.join(ROOT, 'examples', 'kamailio', 'kamailio.cfg')
+SIP_PORT = 5060
+CTL = 'unix:/tmp/kazoo_green_e2e_ctl'
+
+
+def rabbit_queues():
+    out = subprocess.run(['rabbitmqctl', '-q', 'list_queues', 'name', 'consumers', 'messages'],
+                         capture_output=True, text=True, timeout=60).stdout
+    queues = {}
+    for line in out.splitlines():
+        parts = line.split('\t')
+        if len(parts) == 3 and parts[1].isdigit():
+            queues[parts[0]] = (int(parts[1]), int(parts[2]))
+    return queues
+
+
+def wait_until(predicate, timeout, interval=0.1):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    return predicate()
+
+
+class Responder(object):
+    """examples/responder.py in a subprocess."""
+
+    QUEUE = 'responder-route-req'
+
+    def __init__(self, log_path):
+        self.log_path = log_path
+        self.proc = None
+
+    def start(self):
+        self._log = open(self.log_path, 'a')
+        self.proc = subprocess.Popen([PYTHON, os.path.join(ROOT, 'examples', 'responder.py')],
+                                     cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT)
+        if not wait_until(lambda: rabbit_queues().get(self.QUEUE, (0, 0))[0] >= 1, 30):
+            raise RuntimeError('responder did not start consuming; see %s' % self.log_path)
+
+    def kill(self):
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(10)
+        self.proc = None
+
+    def stop(self):
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        self.proc = None
+
+
+class Kamailio(object):
+    """kamailio -f examples/kamailio/kamailio.cfg -DD -E, as the README says to run it."""
+
+    def __init__(self, log_path, node='kamailio@kgtest-e2e', env=None):
+        self.log_path = log_path
+        self.node = node
+        self.env = env or {}
+        self.proc = None
+        self.pids = set()
+
+    def start(self, timeout=30):
+        env = dict(os.environ, PWD=ROOT, KAZOO_GREEN_CTL=CTL, KAZOO_GREEN_NODE=self.node)
+        env.update(self.env)
+        self._log = open(self.log_path, 'a')
+        self.proc = subprocess.Popen(['kamailio', '-f', KAMAILIO_CFG, '-DD', '-E', '-m', '256'],
+                                     cwd=ROOT, env=env, stdout=self._log,
+                                     stderr=subprocess.STDOUT)
+        async_queue = '%s-async' % self.node
+        ready = wait_until(lambda: self.proc.poll() is not None or (
+            'consume link: connected' in self.log()
+            and rabbit_queues().get(async_queue, (0, 0))[0] >= 1), timeout)
+        if not ready or self.proc.poll() is not None:
+            raise RuntimeError('Kamailio did not start; see %s' % self.log_path)
+        time.sleep(0.5)
+        self.pids = self.process_ids()
+
+    def log(self):
+        with open(self.log_path, errors='replace') as f:
+            return f.read()
+
+    def process_ids(self):
+        """The main process and all its children."""
+        if self.proc is None or self.proc.poll() is not None:
+            return set()
+        out = subprocess.run(['ps', '-o', 'pid=', '--ppid', str(self.proc.pid)],
+                             capture_output=True, text=True).stdout
+        return {self.proc.pid} | {int(p) for p in out.split()}
+
+    def health(self):
+        """None if Kamailio runs with every process it started with, else what is wrong."""
+        if self.proc is None or self.proc.poll() is not None:
+            return 'Kamailio exited with %s' % (self.proc and self.proc.returncode)
+        now = self.process_ids()
+        if now != self.pids:
+            return 'Kamailio processes changed: lost %s, new %s' % (
+                sorted(self.pids - now), sorted(now - self.pids))
+        crash = re.search(r'.*(signal 11|core dump|segfault|terminated by signal).*', self.log())
+        if crash:
+            return 'crash in the log: %s' % crash.group(0)
+        return None
+
+    def cpu_ticks(self):
+        """utime+stime (clock ticks) summed over all Kamailio processes."""
+        total = 0
+        for pid in self.process_ids():
+            try:
+                with open('/proc/%d/stat' % pid) as f:
+                    fields = f.read().rsplit(')', 1)[1].split()
+                total += int(fields[11]) + int(fields[12])
+            except (OSError, IndexError, ValueError):
+                pass
+        return total
+
+    def rss_kb(self):
+        total = 0
+        for pid in self.process_ids():
+            try:
+                with open('/proc/%d/status' % pid) as f:
+                    for line in f:
+                        if line.startswith('VmRSS:'):
+                            total += int(line.split()[1])
+            except OSError:
+                pass
+        return total
+
+    def kamcmd(self, *args):
+        return subprocess.run(['kamcmd', '-s', CTL] + list(args), capture_output=True,
+                              text=True, timeout=10)
+
+    def stop(self):
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self.proc = None
+
+
+# -- sipp ----------------------------------------------------------------------
+
+_INVITE = '''<?xml version="1.0" encoding="ISO-8859-1" ?>
+<!DOCTYPE scenario SYSTEM "sipp.dtd">
+<scenario name="invite">
+  <send start_txn="invite" start_rtd="1">
+    <![CDATA[
+
+      INVITE sip:[service]@[remote_ip]:[remote_port] SIP/2.0
+      Via: SIP/2.0/[transport] [local_ip]:[local_port];branch=[branch]
+      From: sipp <sip:caller@[local_ip]:[local_port]>;tag=[pid]SIPpTag00[call_number]
+      To: <sip:[service]@[remote_ip]:[remote_port]>
+      Call-ID: [call_id]
+      CSeq: 1 INVITE
+      Contact: <sip:caller@[local_ip]:[local_port]>
+      Max-Forwards: 70
+      Content-Length: 0
+
+    ]]>
+  </send>
+  <recv response="100" optional="true" response_txn="invite"/>
+%(recvs)s
+  <label id="ack"/>
+  <send ack_txn="invite">
+    <![CDATA[
+
+      ACK sip:[service]@[remote_ip]:[remote_port] SIP/2.0
+      Via: SIP/2.0/[transport] [local_ip]:[local_port];branch=[branch]
+      From: sipp <sip:caller@[local_ip]:[local_port]>;tag=[pid]SIPpTag00[call_number]
+      To: <sip:[service]@[remote_ip]:[remote_port]>[peer_tag_param]
+      Call-ID: [call_id]
+      CSeq: 1 ACK
+      Max-Forwards: 70
+      Content-Length: 0
+
+    ]]>
+  </send>
+</scenario>
+'''
+
+_REGISTER = '''<?xml version="1.0" encoding="ISO-8859-1" ?>
+<!DOCTYPE scenario SYSTEM "sipp.dtd">
+<scenario name="register">
+  <send start_rtd="1">
+    <![CDATA[
+
+      REGISTER sip:%(domain)s SIP/2.0
+      Via: SIP/2.0/[transport] [local_ip]:[local_port];branch=[branch]
+      From: <sip:[service]@%(domain)s>;tag=[pid]SIPpTag00[call_number]
+      To: <sip:[service]@%(domain)s>
+      Call-ID: [call_id]
+      CSeq: 1 REGISTER
+      Contact: <sip:[service]@[local_ip]:[local_port]>
+      Expires: 3600
+      Max-Forwards: 70
+      Content-Length: 0
+
+    ]]>
+  </send>
+  <recv response="200" rtd="1"/>
+</scenario>
+'''
+
+
+def invite_scenario(user, *codes):
+    """An INVITE that must end with one of ``codes``; a 302 must carry the right Contact."""
+    recvs = []
+    for i, code in enumerate(codes):
+        last = i == len(codes) - 1
+        attrs = 'response="%s" rtd="1" response_txn="invite"' % code
+        if not last:
+            attrs += ' optional="true" next="ack"'
+        if str(code) == '302':
+            recvs.append(
+                '  <recv %s>\n    <action>\n      <ereg regexp="^ *&lt;sip:%s@127\\.0\\.0\\.1:5090&gt;'
+                '" search_in="hdr" header="Contact:" check_it="true" assign_to="1"/>\n'
+                '    </action>\n  </recv>\n  <Reference variables="1"/>'
+                % (attrs, re.escape(user)))
+        else:
+            recvs.append('  <recv %s/>' % attrs)
+    return _INVITE % {'recvs': '\n'.join(recvs)}
+
+
+def register_scenario(domain):
+    return _REGISTER % {'domain': domain}
+
+
+class SippResult(object):
+    def __init__(self, returncode, counts, successful, failed, response_ms, output):
+        self.returncode = returncode
+        self.counts = counts            # {'302': n, ...} responses received, by code
+        self.successful = successful
+        self.failed = failed
+        self.response_ms = response_ms  # per call, in order of completion
+        self.output = output
+
+    def percentile(self, p):
+        values = sorted(self.response_ms)
+        if not values:
+            return None
+        return values[min(len(values) - 1, int(round(p / 100.0 * (len(values) - 1))))]
+
+    def __repr__(self):
+        return '<sipp rc=%s ok=%s failed=%s counts=%s p50=%s p99=%s>' % (
+            self.returncode, self.successful, self.failed, self.counts, self.percentile(50),
+            self.percentile(99))
+
+
+_port = [5070]
+
+
+def run_sipp(scenario_xml, user, calls, rate, max_seconds=120, limit=None):
+    """Run one sipp client to completion and parse its results."""
+    _port[0] = 5071 + (_port[0] - 5070) % 200
+    port = _port[0]
+    workdir = tempfile.mkdtemp(prefix='kgsipp-')
+    path = os.path.join(workdir, 'scenario.xml')
+    with open(path, 'w') as f:
+        f.write(scenario_xml)
+    cmd = ['sipp', '127.0.0.1:%d' % SIP_PORT, '-sf', path, '-s', user, '-i', '127.0.0.1',
+           '-p', str(port), '-m', str(calls), '-r', str(rate), '-l', str(limit or rate * 5),
+           '-timeout', '%ds' % max_seconds, '-timeout_error', '-recv_timeout', '10000',
+           '-nostdin', '-trace_screen', '-trace_err', '-trace_rtt', '-rtt_freq', '1']
+    proc = subprocess.run(cmd, cwd=workdir, capture_output=True, text=True,
+                          timeout=max_seconds + 30)
+    return _parse(workdir, proc)
+
+
+def _parse(workdir, proc):
+    screen, rtt = '', []
+    for name in os.listdir(workdir):
+        full = os.path.join(workdir, name)
+        if name.endswith('_screen.log'):
+            with open(full, errors='replace') as f:
+                screen = f.read()
+        elif name.endswith('_rtt.csv'):
+            with open(full) as f:
+                for line in f:
+                    parts = line.strip().split(';')
+                    if len(parts) >= 2:
+                        try:
+                            rtt.append(float(parts[1]))
+                        except ValueError:
+                            pass
+    counts = {}
+    for code, n in re.findall(r'^\s+(\d{3}) <-+\s+(?:[BE]-RTD\d+\s+)?(\d+)', screen, re.M):
+        counts[code] = counts.get(code, 0) + int(n)
+    ok = re.search(r'Successful call\s+\|\s+\d+\s+\|\s+(\d+)', screen)
+    bad = re.search(r'Failed call\s+\|\s+\d+\s+\|\s+(\d+)', screen)
+    return SippResult(proc.returncode, counts, int(ok.group(1)) if ok else 0,
+                      int(bad.group(1)) if bad else 0, rtt,
+                      proc.stdout[-3000:] + proc.stderr[-3000:] + screen[-4000:])
+
+
+def spawn_sipp(scenario_xml, user, calls, rate, max_seconds=120, limit=None):
+    """Like run_sipp, in a greenlet-free way: returns a function that waits and parses."""
+    import threading
+    box = {}
+
+    def target():
+        box['result'] = run_sipp(scenario_xml, user, calls, rate, max_seconds, limit)
+
+    thread = threading.Thread(target=target)
+    thread.start()
+
+    def wait():
+        thread.join()
+        return box['result']
+    return wait
+
+
+if __name__ == '__main__':
+    sys.exit('a library for tests/e2e and bench/, not a program')

@@ -1,0 +1,164 @@
+"""The Kamailio example end to end: real Kamailio + app_python3, real sipp, real RabbitMQ.
+
+One Kamailio (examples/kamailio/kamailio.cfg on 127.0.0.1:5060) and one responder
+(examples/responder.py) serve the whole module; after every test Kamailio must still
+run with all the processes it started with, and its log must show no crash.
+"""
+
+import os
+import shutil
+import time
+
+import gevent
+import pytest
+
+import kazoo_green
+
+from ..conftest import RABBIT_URL, unique, wait_for
+from . import harness
+
+pytestmark = pytest.mark.skipif(
+    not (shutil.which('kamailio') and shutil.which('sipp') and shutil.which('kamcmd')),
+    reason='Kamailio/sipp missing: `make test` installs them (tests/tools/services.sh)')
+
+QUERY_TIMEOUT = 2.0
+
+
+@pytest.fixture(scope='module')
+def logdir(tmp_path_factory):
+    path = tmp_path_factory.mktemp('e2e-logs')
+    yield path
+    print('\ne2e logs in %s' % path)
+
+
+@pytest.fixture(scope='module')
+def responder(logdir):
+    r = harness.Responder(str(logdir / 'responder.log'))
+    r.start()
+    yield r
+    r.stop()
+
+
+@pytest.fixture(scope='module')
+def kamailio(logdir, responder):
+    k = harness.Kamailio(str(logdir / 'kamailio.log'), node='kamailio@kgtest-%s' % unique('e2e'))
+    k.start()
+    yield k
+    k.stop()
+    harness.subprocess.run(['rabbitmqctl', '-q', 'delete_queue', '%s-async' % k.node],
+                           capture_output=True)
+
+
+@pytest.fixture(autouse=True)
+def kamailio_stays_healthy(request, kamailio):
+    yield
+    problem = kamailio.health()
+    assert problem is None, problem
+
+
+def _assert_all(result, code, calls):
+    assert result.returncode == 0, result
+    assert result.failed == 0 and result.successful == calls, result
+    assert result.counts.get(code) == calls, result
+
+
+@pytest.mark.parametrize('user', ['alice', 'asyncalice'], ids=['sync', 'async'])
+def test_invites_get_302_with_the_routed_contact(kamailio, user):
+    result = harness.run_sipp(harness.invite_scenario(user, 302), user, calls=2000, rate=200)
+    print('\n%s: %r' % (user, result))
+    _assert_all(result, '302', 2000)
+
+
+def test_unknown_user_gets_404(kamailio):
+    result = harness.run_sipp(harness.invite_scenario('unknownbob', 404), 'unknownbob',
+                              calls=200, rate=100)
+    _assert_all(result, '404', 200)
+
+
+def test_slow_user_gets_503_within_the_timeout(kamailio):
+    # Sync queries hold a SIP worker (4 here) for the whole timeout: keep the load
+    # within what 4 workers can serve at 2 s each.
+    result = harness.run_sipp(harness.invite_scenario('slowcarol', 503), 'slowcarol',
+                              calls=8, rate=1)
+    print('\nslow: %r, max %.0f ms' % (result, max(result.response_ms)))
+    _assert_all(result, '503', 8)
+    assert len(result.response_ms) == 8
+    async_result = harness.run_sipp(harness.invite_scenario('asyncslow', 302), 'asyncslow',
+                                    calls=20, rate=20)
+    _assert_all(async_result, '302', 20)  # async users are answered by the same responder
+    assert all(QUERY_TIMEOUT * 1000 * 0.95 <= ms <= QUERY_TIMEOUT * 1000 * 1.2
+               for ms in result.response_ms), result.response_ms
+
+
+def test_register_is_published_to_registrar(kamailio):
+    consumer = kazoo_green.Kazoo(RABBIT_URL, node=unique('e2e') + '@test')
+    seen = []
+    consumer.add_route('kazoo:consumer-event-directory-reg-success',
+                       lambda p, m: seen.append((m.routing_key, p)))
+    consumer.subscribe('registrar', 'registration.success.#', exchange_type='topic')
+    consumer.start()
+    try:
+        assert consumer.wait_connected(10)
+        gevent.sleep(0.2)
+        result = harness.run_sipp(harness.register_scenario('example.com'), 'reg.user',
+                                  calls=50, rate=50)
+        _assert_all(result, '200', 50)
+        assert wait_for(lambda: len(seen) == 50, timeout=10), len(seen)
+    finally:
+        consumer.stop()
+    key, payload = seen[0]
+    assert key == 'registration.success.example%2Ecom.reg%2Euser'
+    assert payload['Event-Category'] == 'directory' and payload['Event-Name'] == 'reg_success'
+    assert (payload['Username'], payload['Realm']) == ('reg.user', 'example.com')
+    assert payload['Contact'].startswith('<sip:reg.user@127.0.0.1:')
+    assert payload['Call-ID'] and payload['App-Name'] == 'kamailio'
+    assert payload['Node'] == kamailio.node
+    assert len({p['Call-ID'] for _, p in seen}) == 50
+
+
+def test_presence_events_land_in_the_htable(kamailio):
+    kz = kazoo_green.Kazoo(RABBIT_URL, node=unique('e2e') + '@test')
+    users = {'alice%d' % i: state for i, state in
+             enumerate(['busy', 'idle', 'ringing', 'away', 'busy'])}
+    for user, state in users.items():
+        kz.publish('presence', 'update.%s.example%%2Ecom' % user, {
+            'Event-Category': 'presence', 'Event-Name': 'update', 'From': user,
+            'State': state})
+
+    def htable():
+        return {u: kamailio.kamcmd('htable.get', 'presence', u).stdout for u in users}
+
+    assert wait_for(lambda: all(users[u] in v for u, v in htable().items()), timeout=10), \
+        htable()
+    # A later event for the same user overwrites the value.
+    kz.publish('presence', 'update.alice0.example%2Ecom', {
+        'Event-Category': 'presence', 'Event-Name': 'update', 'From': 'alice0',
+        'State': 'offline'})
+    assert wait_for(lambda: 'offline' in kamailio.kamcmd('htable.get', 'presence',
+                                                         'alice0').stdout, timeout=10)
+
+
+def test_responder_killed_mid_load_gives_503_then_recovers(kamailio, responder):
+    seconds, rate = 12, 150
+    waits = [harness.spawn_sipp(harness.invite_scenario(user, 302, 503), user,
+                                calls=seconds * rate, rate=rate)
+             for user in ('bob', 'asyncbob')]
+    time.sleep(3)
+    responder.kill()
+    time.sleep(4)
+    responder.start()
+    results = [wait() for wait in waits]
+    for result in results:
+        print('\nkill: %r' % result)
+        assert result.returncode == 0 and result.failed == 0, result
+        assert result.counts.get('302', 0) > 0 and result.counts.get('503', 0) > 0, result
+        assert result.counts['302'] + result.counts['503'] == seconds * rate, result
+    for user in ('bob', 'asyncbob'):  # recovered
+        _assert_all(harness.run_sipp(harness.invite_scenario(user, 302), user, calls=200,
+                                     rate=100), '302', 200)
+
+
+def test_kamailio_log_has_no_python_errors(kamailio):
+    log = kamailio.log()
+    assert 'Traceback' not in log and 'Unhandled exception' not in log, \
+        log[log.find('Traceback') - 2000:][:6000]

@@ -1,0 +1,588 @@
+"""kazoo_green.kemi on memory:// with a fake KSR: async queries, fork handling, logging.
+
+A simulated Kamailio instance is a few ``kemi.Kazoo`` runtimes sharing a node name
+(hence the ``<node>-async`` queue), as the processes of one instance do after the
+fork: a "consumer process" running ``run_consumer()`` in a greenlet and a "SIP worker"
+calling ``async_query`` from the test greenlet. ``FakeKSR`` runs ``t_continue`` into
+the handler and records the replies.
+"""
+
+import importlib.util
+import logging
+import os
+import sys
+from time import monotonic
+
+import gevent
+import pytest
+from kombu import Connection, Exchange, Producer
+
+import kazoo_green
+from kazoo_green import KazooError, kemi
+from kazoo_green.testing import Continue, fake_ksr
+from kazoo_green.wire import dumps
+
+from ..conftest import unique, wait_for
+
+MEM = 'memory://'
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def route_req(user):
+    return {'Event-Category': 'route', 'Event-Name': 'req', 'To': user}
+
+
+class Router(kemi.Handler):
+    """The async half of examples/kamailio/router.py, recording every resume."""
+
+    def __init__(self, kz):
+        super(Router, self).__init__(kz)
+        self.resumed = []  # (method, reply(), reply_error(), greenlet, monotonic())
+
+    def _record(self, method):
+        self.resumed.append((method, self.kz.reply(), self.kz.reply_error(),
+                             gevent.getcurrent(), monotonic()))
+
+    def route_reply(self, msg):
+        import KSR
+        self._record('route_reply')
+        route = self.kz.reply().get('Route')
+        if route:
+            KSR.pv.sets('$ru', route)
+            KSR.tm.t_reply(302, 'Moved Temporarily')
+        else:
+            KSR.tm.t_reply(404, 'Not Found')
+        return 1
+
+    def route_timeout(self, msg):
+        import KSR
+        self._record('route_timeout')
+        KSR.tm.t_reply(503, 'Service Unavailable')
+        return 1
+
+
+class Instance(object):
+    """One Kamailio instance: its processes share the node, hence the async queue."""
+
+    def __init__(self, **kwargs):
+        self.node = unique('kamailio') + '@test'
+        self.kwargs = kwargs
+        self.processes = []
+        self.greenlets = []
+
+    def process(self):
+        kz = kemi.Kazoo(MEM, node=self.node, **self.kwargs)
+        self.processes.append(kz)
+        return kz
+
+    def consumer(self):
+        """The rtimer process: run_consumer() forever, in a greenlet."""
+        kz = self.process()
+        self.run(kz.run_consumer)
+        assert wait_for(lambda: kz.stats()['consume_connected'], 5)
+        return kz
+
+    def run(self, fn, *args):
+        greenlet = gevent.spawn(fn, *args)
+        self.greenlets.append(greenlet)
+        return greenlet
+
+    def close(self):
+        gevent.killall(self.greenlets)
+        for kz in self.processes:
+            try:
+                kz.stop(timeout=2)
+            except Exception:
+                pass
+
+
+@pytest.fixture
+def kz_logger():
+    """The ``kazoo_green`` logger, restored after the test (kemi.Handler changes it)."""
+    logger = logging.getLogger('kazoo_green')
+    saved = list(logger.handlers), logger.level, logger.propagate
+    yield logger
+    logger.handlers[:] = saved[0]
+    logger.setLevel(saved[1])
+    logger.propagate = saved[2]
+
+
+@pytest.fixture
+def fake(kz_logger):
+    """A FakeKSR as ``KSR``; handler methods that raised (under t_continue) fail the test."""
+    with fake_ksr() as fake:
+        yield fake
+    assert fake.errors == [], fake.log_lines('err')
+
+
+@pytest.fixture
+def kamailio(fake):
+    """Factory of simulated Kamailio instances, stopped before the fake KSR goes."""
+    made = []
+
+    def make(**kwargs):
+        made.append(Instance(**kwargs))
+        return made[-1]
+
+    yield make
+    for instance in made:
+        instance.close()
+
+
+@pytest.fixture
+def responder(runtimes):
+    """A started plain runtime answering route.req on a fresh topic exchange.
+
+    ``answer(request)`` gives the reply payload, or None for no reply. ``style``:
+    ``reply_to`` (AMQP reply_to/correlation_id) or ``server_id`` (Kazoo: ``targeted``
+    exchange, routing key Server-ID, Msg-ID copied). Returns (exchange, seen).
+    """
+    def make(answer, style='reply_to', on_request=None):
+        kz = runtimes(MEM, app_name='responder')
+        exchange = unique('callmgr')
+        seen = []
+
+        @kz.event_route('kazoo:consumer-event-route-req')
+        def route(request, meta):
+            seen.append((request, meta, on_request() if on_request else None))
+            reply = answer(request)
+            if reply is not None:
+                kz.respond(request, reply, meta if style == 'reply_to' else None)
+
+        kz.subscribe(exchange, 'route.req', exchange_type='topic', queue=unique('q'))
+        kz.start()
+        assert kz.wait_connected(5)
+        return exchange, seen
+    return make
+
+
+def routed(request):
+    return {'Route': 'sip:%s@10.0.0.9' % request['To']}
+
+
+def put_on_queue(queue, body, correlation_id=None):
+    """Put an arbitrary message straight on ``queue`` (default exchange)."""
+    with Connection('memory://localhost/') as conn:
+        props = {'correlation_id': correlation_id} if correlation_id else {}
+        Producer(conn.channel()).publish(body, exchange=Exchange(''), routing_key=queue,
+                                         content_type='application/json',
+                                         content_encoding='binary', serializer=None,
+                                         **props)
+
+
+def async_id(t, deadline, on_reply='route_reply', on_timeout='route_timeout'):
+    """An async Msg-ID as kemi builds it, for transaction ``t``."""
+    return 'kgasync:%d:%d:%s:%s:%d:%s' % (t.index, t.label, on_reply, on_timeout,
+                                         int(deadline * 1000), unique('id'))
+
+
+# -- the async query, end to end -------------------------------------------------------
+
+@pytest.mark.parametrize('style', ['reply_to', 'server_id'])
+def test_async_query_resumes_on_reply_in_the_consumer_process(kamailio, responder, fake,
+                                                              style):
+    instance = kamailio()
+    consumer = instance.consumer()
+    router = fake.handler = Router(consumer)
+    exchange, seen = responder(routed, style, on_request=lambda: {
+        key: t.suspended for key, t in fake.transactions.items()})
+    worker = instance.process()
+
+    msg = fake.request('INVITE', ruri_user='alice')
+    msg_id = worker.async_query(exchange, 'route.req', route_req('alice'),
+                                on_reply='route_reply', on_timeout='route_timeout',
+                                timeout=5)
+    t = msg.transaction
+    # The next SIP message of this worker: the resume must not touch it.
+    other = fake.request('INVITE', ruri_user='carol')
+
+    assert wait_for(lambda: fake.replies)
+    assert fake.replies == [(302, 'Moved Temporarily', 'tm', 'sip:alice@10.0.0.9', [],
+                             msg.get('$ci'), (t.index, t.label))]
+    assert fake.continues == [Continue(t.index, t.label, 'route_reply', 1)]
+    assert fake.calls[:2] == [('tm.t_newtran', ()), ('tmx.t_suspend', ())]
+    assert fake.errors == []
+    # The transaction-local R-URI changed; the current message's did not.
+    assert (msg.get('$ru'), other.get('$ru')) == ('sip:alice@10.0.0.9', 'sip:carol@127.0.0.1')
+    assert fake.msg is other
+
+    [(method, reply, error, greenlet, _)] = router.resumed
+    assert (method, reply['Route'], reply['Msg-ID'], error) == \
+        ('route_reply', 'sip:alice@10.0.0.9', msg_id, None)
+    assert greenlet.name.startswith('kazoo_green-worker')  # a worker of the consumer
+    assert consumer.reply() is None  # only set inside on_reply
+
+    [(request, meta, suspended_then)] = seen
+    assert suspended_then == {(t.index, t.label): True}  # suspended before it was sent
+    assert request['Msg-ID'] == msg_id == meta.properties['correlation_id']
+    assert msg_id.split(':')[:5] == ['kgasync', str(t.index), str(t.label), 'route_reply',
+                                     'route_timeout']
+    assert request['Server-ID'] == meta.properties['reply_to'] == instance.node + '-async'
+    assert (request['App-Name'], request['Node'], request['To']) == \
+        ('kamailio', instance.node, 'alice')
+    assert worker.stats()['queries'] == 1
+    assert wait_for(lambda: consumer.stats()['queries_ok'] == 1)
+
+
+def test_many_async_queries_each_resume_their_own_transaction(kamailio, responder, fake):
+    instance = kamailio()
+    consumer = instance.consumer()
+    router = fake.handler = Router(consumer)
+    exchange, _ = responder(routed)
+    worker = instance.process()
+    users = ['u%d' % n for n in range(20)]
+    msgs = {}
+    for user in users:
+        msgs[user] = fake.request('INVITE', ruri_user=user)
+        worker.async_query(exchange, 'route.req', route_req(user), 'route_reply',
+                           'route_timeout', timeout=5)
+    assert wait_for(lambda: len(fake.replies) == len(users))
+    for user, msg in msgs.items():
+        t = msg.transaction
+        assert fake.replies_to(msg.get('$ci')) == [
+            (302, 'Moved Temporarily', 'tm', 'sip:%s@10.0.0.9' % user, [], msg.get('$ci'),
+             (t.index, t.label))]
+    assert sorted(c.method for c in fake.continues) == ['route_reply'] * len(users)
+    assert all(c.result == 1 for c in fake.continues)
+    assert len(router.resumed) == len(users)
+    assert consumer.stats()['queries_ok'] == len(users)
+
+
+def test_no_reply_resumes_on_timeout_at_the_deadline(kamailio, responder, fake):
+    instance = kamailio()
+    consumer = instance.consumer()
+    router = fake.handler = Router(consumer)
+    exchange, seen = responder(lambda request: None)  # consumes, never answers
+    worker = instance.process()
+
+    msg = fake.request('INVITE', ruri_user='alice')
+    started = monotonic()
+    worker.async_query(exchange, 'route.req', route_req('alice'), 'route_reply',
+                       'route_timeout', timeout=0.3)
+    assert wait_for(lambda: router.resumed, 5)
+    [(method, reply, error, greenlet, at)] = router.resumed
+    assert (method, reply, error) == ('route_timeout', None, 'timeout')
+    assert 0.28 <= at - started < 1.5  # a deadline (hub timers may be a tick early), not a hang
+    assert greenlet.name.startswith('kazoo_green-worker')
+    t = msg.transaction
+    assert fake.replies == [(503, 'Service Unavailable', 'tm', 'sip:alice@127.0.0.1', [],
+                             msg.get('$ci'), (t.index, t.label))]
+    assert fake.continues == [Continue(t.index, t.label, 'route_timeout', 1)]
+    assert len(seen) == 1
+    assert consumer.stats()['queries_timeout'] == 1
+
+
+def test_reply_after_the_deadline_resumes_on_timeout_only_once(kamailio, responder, fake):
+    instance = kamailio()
+    consumer = instance.consumer()
+    router = fake.handler = Router(consumer)
+    answered = []
+
+    def late(request):
+        gevent.sleep(0.4)
+        answered.append(monotonic())
+        return routed(request)
+
+    exchange, _ = responder(late)
+    worker = instance.process()
+    msg = fake.request('INVITE', ruri_user='alice')
+    worker.async_query(exchange, 'route.req', route_req('alice'), 'route_reply',
+                       'route_timeout', timeout=0.15)
+    assert wait_for(lambda: answered, 5)
+    assert wait_for(lambda: consumer.stats()['replies_unmatched'] == 1, 5)  # the late reply
+    gevent.sleep(0.05)
+    t = msg.transaction
+    assert fake.continues == [Continue(t.index, t.label, 'route_timeout', 1)]
+    assert [m for m, _, _, _, _ in router.resumed] == ['route_timeout']
+    assert router.resumed[0][2] == 'timeout'
+    assert [r.code for r in fake.replies] == [503]
+    stats = consumer.stats()
+    assert (stats['queries_timeout'], stats['queries_ok']) == (1, 0)
+
+
+def test_reply_resumes_in_whichever_consumer_gets_it(kamailio, fake):
+    """Without the notice (another consumer process had it) the Msg-ID is enough."""
+    instance = kamailio()
+    consumer = instance.consumer()
+    router = fake.handler = Router(consumer)
+    sender = instance.process()
+    msgs = {}
+    for name, deadline in (('in-time', monotonic() + 30), ('too-late', monotonic() - 1)):
+        msgs[name] = msg = fake.request('INVITE', ruri_user=name)
+        fake.tmx.t_suspend()
+        msg_id = async_id(msg.transaction, deadline)
+        sender.publish('targeted', instance.node + '-async', {
+            'Event-Category': 'route', 'Event-Name': 'resp', 'Msg-ID': msg_id,
+            'Route': 'sip:%s@10.0.0.9' % name})
+    assert wait_for(lambda: len(fake.continues) == 2)
+    gevent.sleep(0.05)
+    by_call = {r.call_id: r for r in fake.replies}
+    on_time, late = msgs['in-time'], msgs['too-late']
+    assert by_call[on_time.get('$ci')][:4] == (302, 'Moved Temporarily', 'tm',
+                                               'sip:in-time@10.0.0.9')
+    assert by_call[late.get('$ci')][:3] == (503, 'Service Unavailable', 'tm')
+    assert sorted(fake.continues) == sorted([
+        Continue(on_time.transaction.index, on_time.transaction.label, 'route_reply', 1),
+        Continue(late.transaction.index, late.transaction.label, 'route_timeout', 1)])
+    assert sorted((m, e) for m, _, e, _, _ in router.resumed) == [
+        ('route_reply', None), ('route_timeout', 'timeout')]
+
+
+@pytest.mark.xfail(strict=True, reason='with several consumer processes, the one holding the '
+                   'notice resumes on_timeout at the deadline even though another one '
+                   'resumed on_reply')
+def test_notice_holder_does_not_resume_what_another_consumer_resumed(kamailio, fake):
+    instance = kamailio()
+    consumer = instance.consumer()
+    fake.handler = Router(consumer)
+    msg = fake.request('INVITE')
+    fake.tmx.t_suspend()
+    t = msg.transaction
+    msg_id = async_id(t, monotonic() + 0.2)
+    put_on_queue(instance.node + '-async', dumps({'kg-async': msg_id}))  # this one's notice
+    gevent.sleep(0.05)
+    # Another consumer process got the reply and resumed the transaction (as its
+    # _finish does); the handler there uses that process's kz.
+    other = fake.handler.kz = instance.process()
+    other._continue(t.index, t.label, 'route_reply', {'Route': 'sip:x@10.0.0.9'}, None)
+    assert [r.code for r in fake.replies] == [302]
+    gevent.sleep(0.3)  # past the deadline
+    assert fake.continues == [Continue(t.index, t.label, 'route_reply', 1)]
+    assert fake.errors == []
+    assert consumer.stats()['queries_timeout'] == 0
+
+
+def test_a_second_reply_is_dropped(kamailio, runtimes, fake):
+    instance = kamailio()
+    consumer = instance.consumer()
+    fake.handler = Router(consumer)
+    sender = runtimes(MEM)
+    msg = fake.request('INVITE')
+    fake.tmx.t_suspend()
+    msg_id = async_id(msg.transaction, monotonic() + 30)
+    for n in range(2):
+        sender.publish('targeted', instance.node + '-async', {
+            'Event-Category': 'route', 'Event-Name': 'resp', 'Msg-ID': msg_id, 'n': n})
+    assert wait_for(lambda: consumer.stats()['replies_unmatched'] == 1)
+    gevent.sleep(0.05)
+    assert [c.method for c in fake.continues] == ['route_reply']
+    assert fake.handler.resumed[0][1]['n'] == 0
+
+
+def test_consumer_survives_bad_messages_on_the_async_queue(kamailio, responder, fake):
+    instance = kamailio()
+    consumer = instance.consumer()
+    fake.handler = Router(consumer)
+    queue = instance.node + '-async'
+    put_on_queue(queue, b'not json')
+    put_on_queue(queue, b'{"Msg-ID": "not-an-async-id"}')
+    put_on_queue(queue, b'{"Msg-ID": "kgasync:1:2:only:five"}')
+    put_on_queue(queue, b'{"kg-async": "kgasync:x:y:a:b:c:d"}')  # a notice, unparsable
+    assert wait_for(lambda: consumer.stats()['replies_unmatched'] == 2)
+    assert consumer.stats()['bad_input'] == 1
+    # Still consuming, and nothing was resumed by the garbage.
+    exchange, _ = responder(routed)
+    fake.request('INVITE', ruri_user='alice')
+    instance.process().async_query(exchange, 'route.req', route_req('alice'),
+                                   'route_reply', 'route_timeout', timeout=5)
+    assert wait_for(lambda: fake.replies)
+    assert [c.method for c in fake.continues] == ['route_reply']
+
+
+# -- failures in the SIP worker ----------------------------------------------------------
+
+def test_request_not_sent_resumes_on_timeout_at_once_in_the_caller(kamailio, fake):
+    instance = kamailio()
+    worker = instance.process()
+    router = fake.handler = Router(worker)  # the resume happens in this process
+    msg = fake.request('INVITE', ruri_user='alice')
+    msg_id = worker.async_query(unique('missing'), 'route.req', route_req('alice'),
+                                'route_reply', 'route_timeout', timeout=5)
+    assert msg_id.startswith('kgasync:')
+    # Synchronously: no waiting, no consumer involved.
+    [(method, reply, error, greenlet, _)] = router.resumed
+    assert (method, reply) == ('route_timeout', None)
+    assert error.startswith('not sent: ') and 'does not exist' in error
+    assert greenlet is gevent.getcurrent()
+    t = msg.transaction
+    assert fake.continues == [Continue(t.index, t.label, 'route_timeout', 1)]
+    assert fake.replies == [(503, 'Service Unavailable', 'tm', 'sip:alice@127.0.0.1', [],
+                             msg.get('$ci'), (t.index, t.label))]
+    assert worker.reply_error() is None  # only set inside on_timeout
+    assert worker.stats()['queries_failed'] == 1
+    assert any('not sent' in line for line in fake.log_lines('warn'))  # via KSR.warn
+
+
+@pytest.mark.xfail(strict=True, reason='kemi.async_query sends the notice before the request '
+                   'fails, so the consumer resumes on_timeout again at the deadline')
+def test_request_not_sent_is_not_resumed_again_by_the_consumer(kamailio, fake):
+    instance = kamailio()
+    consumer = instance.consumer()
+    worker = instance.process()
+    fake.handler = Router(worker)
+    msg = fake.request('INVITE')
+    worker.async_query(unique('missing'), 'route.req', route_req('alice'), 'route_reply',
+                       'route_timeout', timeout=0.1)
+    gevent.sleep(0.4)  # past the deadline the notice carried
+    t = msg.transaction
+    assert fake.continues == [Continue(t.index, t.label, 'route_timeout', 1)]
+    assert consumer.stats()['queries_timeout'] == 0
+
+
+BAD_NAMES = ['', None, 'route reply', 'route.reply', 'route:reply', '1route', 'x' * 65,
+             'route-reply', 'route_reply()']
+
+
+@pytest.mark.parametrize('bad', BAD_NAMES + [pytest.param(
+    'route_reply\n', marks=pytest.mark.xfail(strict=True, reason='_METHOD uses "$", which '
+                                             'matches before a trailing newline'))])
+def test_bad_method_names_raise_before_anything_is_suspended(kamailio, fake, bad):
+    worker = kamailio().process()
+    fake.handler = Router(worker)
+    fake.request('INVITE')
+    for names in ((bad, 'route_timeout'), ('route_reply', bad)):
+        with pytest.raises(ValueError):
+            worker.async_query('callmgr', 'route.req', route_req('alice'), *names)
+    assert (fake.calls, fake.transactions, fake.continues) == ([], {}, [])
+    assert worker.stats()['published'] == 0 and not worker.connected
+
+
+@pytest.mark.parametrize('failing', ['tm.t_newtran', 'tmx.t_suspend'])
+def test_transaction_that_cannot_be_suspended_raises_and_sends_nothing(kamailio, fake,
+                                                                       failing):
+    worker = kamailio().process()
+    fake.handler = Router(worker)
+    fake.results[failing] = -1
+    fake.request('INVITE')
+    with pytest.raises(KazooError):
+        worker.async_query('callmgr', 'route.req', route_req('alice'), 'route_reply',
+                           'route_timeout')
+    assert fake.calls[-1] == (failing, ())
+    assert fake.continues == [] and fake.replies == []
+    assert worker.stats()['published'] == 0 and not worker.connected
+
+
+# -- fork handling and logging ------------------------------------------------------------
+
+def test_child_init_reinits_gevent_and_forgets_inherited_state(fake, monkeypatch):
+    kz = kemi.Kazoo(MEM, node=unique('kamailio'))
+    handler = kemi.Handler(kz)  # mod_init: no I/O
+    assert not kz.connected and kz.stats()['connects'] == 0
+    assert kz.async_queue == kz.node + '-async'
+    assert kz.app_name == 'kamailio'
+    reinits = []
+    monkeypatch.setattr(gevent, 'reinit', lambda *a, **k: reinits.append(a))
+    kz._async_pending['x'] = None
+    kz._async_done['y'] = 0.0
+    assert handler.child_init(3) == 0
+    assert reinits == [()]
+    assert (kz._async_pending, kz._async_done) == ({}, {})
+
+
+def test_use_kamailio_log_routes_records_by_level(fake, kz_logger):
+    assert kemi.use_kamailio_log(logging.DEBUG) is True
+    assert kemi.use_kamailio_log(logging.DEBUG) is True
+    assert sum(isinstance(h, kemi.KSRLogHandler) for h in kz_logger.handlers) == 1
+    assert kz_logger.propagate is False
+    kz_logger.error('e %d', 1)
+    kz_logger.warning('w')
+    kz_logger.info('i')
+    kz_logger.debug('d')
+    logging.getLogger('kazoo_green.sub').critical('c')
+    assert fake.logs == [('err', 'kazoo_green: e 1\n'), ('warn', 'kazoo_green: w\n'),
+                         ('info', 'kazoo_green: i\n'), ('dbg', 'kazoo_green: d\n'),
+                         ('err', 'kazoo_green: c\n')]
+
+    def broken(text):
+        raise RuntimeError('Kamailio log failed')
+    fake.err = broken
+    kz_logger.error('must not raise')  # logging never breaks routing
+
+
+def test_use_kamailio_log_outside_kamailio_changes_nothing(kz_logger, monkeypatch):
+    monkeypatch.setitem(sys.modules, 'KSR', None)  # `import KSR` raises ImportError
+    before = list(kz_logger.handlers), kz_logger.level, kz_logger.propagate
+    assert kemi.use_kamailio_log() is False
+    assert (list(kz_logger.handlers), kz_logger.level, kz_logger.propagate) == before
+
+
+# -- the example script --------------------------------------------------------------------
+
+def load_router(monkeypatch):
+    """examples/kamailio/router.py as Kamailio loads it, on memory://, a fresh module."""
+    monkeypatch.setattr(sys, 'path', list(sys.path))  # it adds the venv and the project
+    monkeypatch.setenv('KAZOO_GREEN_BROKERS', MEM)
+    monkeypatch.setenv('KAZOO_GREEN_NODE', unique('kamailio') + '@test')
+    monkeypatch.setenv('KAZOO_GREEN_QUERY_TIMEOUT', '0.5')
+    path = os.path.join(ROOT, 'examples', 'kamailio', 'router.py')
+    spec = importlib.util.spec_from_file_location(unique('router').replace('-', '_'), path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_example_router_script(kamailio, runtimes, fake, monkeypatch):
+    router = load_router(monkeypatch)
+    instance = kamailio()
+    instance.processes.append(router.kz)  # stopped at the end
+    handler = fake.handler = router.mod_init()
+    instance.run(handler.kazoo_consumer, None)  # the rtimer process, sharing kz here
+    assert wait_for(lambda: router.kz.stats()['consume_connected'], 5)
+    assert any('consumer process' in line for line in fake.log_lines('info'))
+
+    services = runtimes(MEM, app_name='services')
+    registrations = []
+
+    @services.event_route('kazoo:consumer-event-route-req')
+    def route(request, meta):
+        if request['To'] != 'async-silent':
+            known = not request['To'].startswith('unknown')
+            services.respond(request, routed(request) if known else {}, meta)
+
+    @services.event_route('kazoo:consumer-event-directory-reg-success')
+    def registered(payload, meta):
+        registrations.append((meta.routing_key, payload['Username'], payload['Contact']))
+
+    services.subscribe('callmgr', 'route.req', exchange_type='topic', queue=unique('q'))
+    services.subscribe('registrar', 'registration.success.#', exchange_type='topic',
+                       queue=unique('q'))
+    services.start()
+    assert services.wait_connected(5)
+
+    def sip(method, user, **kwargs):
+        msg = fake.request(method, ruri_user=user, **kwargs)
+        assert handler.ksr_request_route(msg) == 1
+        return msg
+
+    # (sl or tm for the sync replies: the script's choice, not checked here)
+    msg = sip('INVITE', 'alice')  # sync query in the SIP worker
+    assert [(r.code, r.reason, r.ruri) for r in fake.replies_to(msg.get('$ci'))] == [
+        (302, 'Moved Temporarily', 'sip:alice@10.0.0.9')]
+    msg = sip('INVITE', 'unknown-bob')
+    assert [r[:2] for r in fake.replies_to(msg.get('$ci'))] == [(404, 'Not Found')]
+    msg = sip('INVITE', 'async-carol')  # suspended, resumed by the consumer
+    assert fake.replies_to(msg.get('$ci')) == []
+    assert wait_for(lambda: fake.replies_to(msg.get('$ci')))
+    t = msg.transaction
+    assert fake.replies_to(msg.get('$ci')) == [
+        (302, 'Moved Temporarily', 'tm', 'sip:async-carol@10.0.0.9', [], msg.get('$ci'),
+         (t.index, t.label))]
+    msg = sip('INVITE', 'async-silent')
+    assert wait_for(lambda: fake.replies_to(msg.get('$ci')), 5)
+    assert [r[:3] for r in fake.replies_to(msg.get('$ci'))] == \
+        [(503, 'Service Unavailable', 'tm')]
+    msg = sip('REGISTER', None, to_user='dave', to_domain='example.com',
+              contact='<sip:dave@10.1.1.1:5060>')
+    assert [r[:2] for r in fake.replies_to(msg.get('$ci'))] == [(200, 'OK')]
+    assert wait_for(lambda: registrations) == [
+        ('registration.success.example%2Ecom.dave', 'dave', '<sip:dave@10.1.1.1:5060>')]
+    msg = sip('OPTIONS', 'alice')
+    assert [r[:2] for r in fake.replies_to(msg.get('$ci'))] == [(501, 'Not Implemented')]
+
+    services.publish('presence', 'update.alice.x', {
+        'Event-Category': 'presence', 'Event-Name': 'update', 'From': 'alice',
+        'State': 'busy'})
+    assert wait_for(lambda: fake.htables.get('presence', {}).get('alice')) == 'busy'
+    assert len(fake.continues) == 2 and all(c.result == 1 for c in fake.continues)
+    assert fake.errors == []
+    assert isinstance(router.kz, kemi.Kazoo) and isinstance(router.kz, kazoo_green.Kazoo)
