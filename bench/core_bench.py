@@ -285,6 +285,30 @@ class Meter(object):
         return False
 
 
+class Snap(object):
+    """CPU counters at one instant, for spans that start inside a callback."""
+
+    def __init__(self, watch):
+        self.t = perf_counter()
+        self.cpu = cpu_self()
+        self.machine = cpu_machine()
+        self.others = {k: cpu_pids(v) for k, v in watch.items()}
+
+    def load_since(self, start):
+        """(wall seconds, CPU seconds of this process, load dict) from ``start`` to self."""
+        wall = self.t - start.t
+        cpu = self.cpu - start.cpu
+        load = {'bench': cpu / wall}
+        used = cpu
+        for k, v in self.others.items():
+            c = v - start.others[k]
+            used += c
+            load[k] = c / wall
+        if self.machine is not None and start.machine is not None:
+            load['foreign'] = max(0.0, (self.machine - start.machine - used) / wall)
+        return wall, cpu, load
+
+
 def pct(samples, p):
     s = sorted(samples)
     if not s:
@@ -471,13 +495,13 @@ class Responders(object):
 # ---------------------------------------------------------------------------
 # Plain kombu reference implementations
 # ---------------------------------------------------------------------------
-def plain_publish(url, n, payload):
+def plain_publish(url, n, payload, watch=None):
     with Connection(url) as conn:
         conn.connect()
         producer = Producer(conn.channel(),
                             exchange=Exchange(EX_PUBLISH, type='topic', durable=False))
         publish = producer.publish
-        with Meter() as m:
+        with Meter(watch) as m:
             for _ in range(n):
                 publish(envelope(payload), routing_key='pub.bench', serializer='json',
                         delivery_mode=1)
@@ -568,13 +592,12 @@ class PlainQuerier(object):
             pass
 
 
-def plain_dispatch(url, n, prefetch):
-    state = {'count': 0, 'first': None, 'cpu_first': None}
+def plain_dispatch(url, n, prefetch, watch):
+    state = {'count': 0, 'first': None}
 
     def on_message(message):
         if state['first'] is None:
-            state['first'] = perf_counter()
-            state['cpu_first'] = cpu_self()
+            state['first'] = Snap(watch)
         message.payload  # decode the JSON, as kazoo_green does for its handlers
         message.ack()
         state['count'] += 1
@@ -587,8 +610,8 @@ def plain_dispatch(url, n, prefetch):
                       prefetch_count=prefetch, accept=['json']):
             while state['count'] < n:
                 conn.drain_events(timeout=10)
-            t_end, cpu_end = perf_counter(), cpu_self()
-    return state['count'], t_end - state['first'], cpu_end - state['cpu_first']
+            end = Snap(watch)
+    return state['count'], state['first'], end
 
 
 # ---------------------------------------------------------------------------
@@ -606,15 +629,14 @@ def close_kazoo(kz):
         kz._pub_link.stop()
 
 
-def kg_dispatch(url, n, prefetch):
+def kg_dispatch(url, n, prefetch, watch):
     kz = new_kazoo(url)
-    state = {'count': 0, 'first': None, 'cpu_first': None}
+    state = {'count': 0, 'first': None}
 
     @kz.event_route('kazoo:consumer-event-bench-ev')
     def handler(payload, meta):
         if state['first'] is None:
-            state['first'] = perf_counter()
-            state['cpu_first'] = cpu_self()
+            state['first'] = Snap(watch)
         state['count'] += 1
 
     kz.subscribe(EX_EVENTS, 'ev.#', queue=Q_EVENTS, exchange_type='topic', ack='late',
@@ -626,14 +648,14 @@ def kg_dispatch(url, n, prefetch):
         deadline = perf_counter() + 60
         while kz.stats()['acked'] < n and perf_counter() < deadline:
             gevent.sleep(0.002)
-        t_end, cpu_end = perf_counter(), cpu_self()
+        end = Snap(watch)
         stats = kz.stats()
     finally:
         close_kazoo(kz)
     if stats['acked'] < n:
         raise RuntimeError('kazoo_green acked only %d of %d (stats %s)' % (
             stats['acked'], n, {k: v for k, v in stats.items() if v}))
-    return stats['acked'], t_end - state['first'], cpu_end - state['cpu_first']
+    return stats['acked'], state['first'], end
 
 
 # ---------------------------------------------------------------------------
@@ -685,8 +707,8 @@ class Bench(object):
         self.notes = []
         self.failures = 0
         if args.quick:
-            self.n = dict(pub=6000, seq=800, conc=3000, ev=6000)
-            self.repeat = args.repeat or 1
+            self.n = dict(pub=6000, seq=600, conc=2000, ev=6000)
+            self.repeat = args.repeat or 3
         else:
             self.n = dict(pub=20000, seq=2000, conc=5000, ev=20000)
             self.repeat = args.repeat or 3
@@ -759,7 +781,7 @@ class Bench(object):
 
         def plain():
             admin.purge(Q_PUBLISH)
-            m = plain_publish(self.url, n, payload)
+            m = plain_publish(self.url, n, payload, {'broker': self.watch['broker']})
             check('plain')
             return {'rate': n / m.wall, 'cpu_us': m.cpu / n * 1e6, 'load': m.load}
 
@@ -770,7 +792,7 @@ class Bench(object):
                 admin.wait_count(Q_PUBLISH, 1)
                 admin.purge(Q_PUBLISH)
                 publish = kz.publish
-                with Meter() as m:
+                with Meter({'broker': self.watch['broker']}) as m:
                     for _ in range(n):
                         publish(EX_PUBLISH, 'pub.bench', payload)
             finally:
@@ -842,10 +864,8 @@ class Bench(object):
                 got = admin.wait_count(Q_EVENTS, n)
                 if got != n:
                     raise RuntimeError('preload: the queue got %d of %d messages' % (got, n))
-                others0 = {k: cpu_pids(v) for k, v in watch.items()}
-                count, wall, cpu = fn(self.url, n, prefetch)
-                load = {k: (cpu_pids(v) - others0[k]) / wall for k, v in watch.items()}
-                load['bench'] = cpu / wall
+                count, first, end = fn(self.url, n, prefetch, watch)
+                wall, cpu, load = end.load_since(first)
                 # Timed from the first delivery: rate over the messages after it.
                 return {'rate': (count - 1) / wall, 'cpu_us': cpu / (count - 1) * 1e6,
                         'load': load}
@@ -999,8 +1019,7 @@ def main(argv=None):
     parser.add_argument('--url', default=DEFAULT_URL, help='broker URL (loopback only)')
     parser.add_argument('--quick', action='store_true', help='short run (about 20 s)')
     parser.add_argument('--repeat', type=int, default=None,
-                        help='rounds per side and line, median shown (default 3, '
-                             'or 1 with --quick)')
+                        help='rounds per side and line, median shown (default 3)')
     parser.add_argument('--responders', type=int, default=1,
                         help='responder processes (default 1)')
     parser.add_argument('--greenlets', type=int, default=50)

@@ -32,8 +32,8 @@ messages); the rtimer process runs the background readers, the event-route worke
 the async resumes forever.
 
 Async queries go through a reply queue shared by the Kamailio instance, named
-``<node>-async``: every process declares it (bound to ``targeted``) before its first
-request, so a reply always finds it. The SIP worker suspends the transaction, then sends
+``<node>-async`` (single active consumer): every process declares it (bound to
+``targeted``) before its first request, so a reply always finds it. The SIP worker suspends the transaction, then sends
 the consumer process a notice (transaction, methods, deadline) through that queue and
 publishes the request. The consumer process resumes the transaction with
 ``t_continue`` into ``on_reply`` when the reply comes, or into ``on_timeout`` at the
@@ -57,7 +57,7 @@ __all__ = ['Kazoo', 'Handler', 'KSRLogHandler', 'use_kamailio_log']
 
 log = logging.getLogger('kazoo_green')
 
-_METHOD = re.compile(r'^[A-Za-z_][A-Za-z0-9_]{0,63}$')
+_METHOD = re.compile(r'[A-Za-z_][A-Za-z0-9_]{0,63}')
 _ASYNC_PREFIX = 'kgasync'
 # How long a resumed Msg-ID is remembered, to drop a notice that comes after its reply.
 _DONE_TTL = 60.0
@@ -125,8 +125,12 @@ class Kazoo(runtime.Kazoo):
     # -- both sides -----------------------------------------------------
     def _declare_async_queue(self, conn, channel=None):
         channel = channel or self._publisher.channel
+        # Single active consumer: with several consumer processes (rtimer mode=N) the
+        # notice and the reply of one query still reach the same process, the one that
+        # holds its timer; another takes over if that one goes away.
         channel.queue_declare(queue=self.async_queue, durable=False, exclusive=False,
-                              auto_delete=False)
+                              auto_delete=False,
+                              arguments={'x-single-active-consumer': True})
         channel.queue_bind(queue=self.async_queue, exchange='targeted',
                            routing_key=self.async_queue)
 
@@ -142,7 +146,7 @@ class Kazoo(runtime.Kazoo):
         suspended (nothing was sent then).
         """
         for name in (on_reply, on_timeout):
-            if not _METHOD.match(name or ''):
+            if not isinstance(name, str) or not _METHOD.fullmatch(name):
                 raise ValueError('on_reply/on_timeout must be method names, not %r' % (name,))
         timeout = timeout or self.query_timeout
         message = self._message(payload)
@@ -161,6 +165,10 @@ class Kazoo(runtime.Kazoo):
         props = {'correlation_id': msg_id, 'reply_to': self.async_queue}
         try:
             deadline = monotonic() + timeout
+            # Check the exchange first: a notice for a request that cannot go out would
+            # make the consumer resume this transaction a second time.
+            self._pub_link.ensure(deadline)
+            self._publisher.verify(exchange)
             notice = dumps({'kg-async': msg_id})
             self._publisher.publish('', self.async_queue, notice, deadline=deadline,
                                     buffer=False)
@@ -181,17 +189,30 @@ class Kazoo(runtime.Kazoo):
         """In an ``on_timeout`` method: why there is no reply (text); None elsewhere."""
         return self._resume.error
 
-    def _continue(self, index, label, method, reply, error):
+    def _continue(self, index, label, method, reply, error, expected=True):
+        """t_continue into ``method``; returns whether the transaction was resumed.
+
+        ``expected=False`` (timeouts): another consumer process may have resumed the
+        transaction with its reply already, so a refusal is normal there.
+        """
         resume = self._resume
         resume.reply, resume.error = reply, error
         try:
             if _ksr().tmx.t_continue(index, label, method) < 0:
-                log.warning('t_continue(%d, %d, %s) failed: transaction gone?', index, label,
-                            method)
+                log.log(logging.WARNING if expected else logging.DEBUG,
+                        't_continue(%d, %d, %s) refused: transaction no longer suspended',
+                        index, label, method)
+                return False
+            return True
         except Exception:
             log.exception('resuming transaction %d:%d into %s failed', index, label, method)
+            return False
         finally:
             resume.reply = resume.error = None
+
+    def _time_out(self, index, label, method):
+        if self._continue(index, label, method, None, 'timeout', expected=False):
+            self._stats.queries_timeout += 1
 
     # -- consumer process side -----------------------------------------
     def _consume_async_queue(self, conn):
@@ -228,6 +249,9 @@ class Kazoo(runtime.Kazoo):
             return
         index, label, on_reply, on_timeout, deadline = info
         delay = max(0.0, deadline - monotonic())
+        old = self._async_pending.pop(msg_id, None)
+        if old is not None:
+            old.close()
         timer = gevent.get_hub().loop.timer(delay)
         timer.start(self._expired, msg_id)
         self._async_pending[msg_id] = timer
@@ -240,8 +264,7 @@ class Kazoo(runtime.Kazoo):
         timer.close()
         info = _parse_async_id(msg_id)
         self._mark_done(msg_id)
-        self._stats.queries_timeout += 1
-        self.dispatcher.submit(self._continue, (info[0], info[1], info[3], None, 'timeout'))
+        self.dispatcher.submit(self._time_out, (info[0], info[1], info[3]))
 
     def _finish(self, msg_id, info, payload):
         index, label, on_reply, on_timeout, deadline = info
@@ -253,9 +276,8 @@ class Kazoo(runtime.Kazoo):
             return
         self._mark_done(msg_id)
         if monotonic() > deadline:
-            self._stats.queries_timeout += 1
             self._stats.replies_unmatched += 1
-            self.dispatcher.submit(self._continue, (index, label, on_timeout, None, 'timeout'))
+            self.dispatcher.submit(self._time_out, (index, label, on_timeout))
             return
         self._stats.queries_ok += 1
         self.dispatcher.submit(self._continue, (index, label, on_reply, payload, None))
@@ -272,6 +294,15 @@ class Kazoo(runtime.Kazoo):
         """In ``child_init``: nothing inherited from the parent is used (no I/O here)."""
         self._async_pending = {}
         self._async_done = {}
+
+    def stop(self, timeout=None):
+        pending, self._async_pending = self._async_pending, {}
+        for timer in pending.values():
+            timer.close()
+        if timeout is None:
+            super(Kazoo, self).stop()
+        else:
+            super(Kazoo, self).stop(timeout)
 
     def run_consumer(self):
         """The consumer process's body (from rtimer): never returns."""

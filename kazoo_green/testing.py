@@ -15,6 +15,10 @@ imports ``KSR``::
         assert fake.replies[-1].code == 302
         assert fake.replies[-1].ruri == 'sip:alice@10.0.0.1'   # 3xx Contact
 
+For ``kemi.Kazoo.async_query`` also run the consumer process's body in a greenlet
+(``gevent.spawn(fake.handler.kazoo_consumer, None)``, killed at the end): the resume
+(``t_continue``) then happens there, and ``fake.replies`` gets the reply once it ran.
+
 What is simulated, and how:
 
 * ``request(...)`` starts a new SIP request: its pseudo-variables (``$rm``, ``$ru``,
@@ -31,6 +35,8 @@ What is simulated, and how:
 * Every reply is recorded with the ``$ru`` of its request at that moment (Kamailio
   writes a 3xx reply's Contact from it) and the headers given to
   ``hdr.append_to_reply``. A transaction takes one final reply; a second gives -1.
+* ``KSR.err/warn/notice/info/dbg/crit(text)`` go to ``logs`` as ``(level, text)``;
+  ``htable.sht_sets/sht_seti/sht_get/sht_rm`` use ``htables``.
 * ``results`` forces the return value of a call named as in ``calls`` and skips its
   action, e.g. ``fake.results['tmx.t_suspend'] = -1``.
 
