@@ -219,12 +219,20 @@ class Subscriber(object):
             # requeued it already; an ack now would hit the wrong channel.
             self.stats.ack_failed += 1
             return
+        link = self.link
+        fast = link.fast
         try:
             if ok:
-                self.link.write(channel.basic_ack, tag, False)
+                if fast is not None:
+                    link.write(fast.ack, channel.channel_id, tag)
+                else:
+                    link.write(channel.basic_ack, tag, False)
                 self.stats.acked += 1
             else:
-                self.link.write(channel.basic_reject, tag, False)
+                if fast is not None:
+                    link.write(fast.reject, channel.channel_id, tag)
+                else:
+                    link.write(channel.basic_reject, tag, False)
                 self.stats.rejected += 1
         except KazooError as exc:
             self.stats.ack_failed += 1

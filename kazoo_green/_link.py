@@ -25,21 +25,18 @@ import socket
 from time import monotonic
 
 import gevent
-from gevent import monkey
 from gevent.event import Event
 from gevent.lock import RLock
 from kombu import Connection
 
 from . import _defaults as D
+from ._amqpfast import FastPath
 from .errors import ConnectionLost, NotConnected
 
 __all__ = ['Link', 'parse_brokers']
 
 log = logging.getLogger('kazoo_green')
 
-# The real poll(2): asks the kernel whether the socket has data, never waits.
-_poll = monkey.get_original('select', 'poll')
-_POLLIN = 0x001
 
 
 def parse_brokers(brokers):
@@ -60,9 +57,14 @@ class Link(object):
 
     def __init__(self, name, urls, stats, connect_timeout=D.CONNECT_TIMEOUT,
                  heartbeat=D.HEARTBEAT, poll_interval=D.POLL_INTERVAL,
-                 transport_options=None, label=''):
+                 transport_options=None, label='', fast=True, blocking=False):
         self.name = name
         self.label = label
+        #: Use the lean frame path (RabbitMQ only); see _amqpfast.
+        self.use_fast = fast
+        #: Without a background reader, wait with poll(2) instead of gevent's hub
+        #: (Kamailio SIP workers: nothing else runs there anyway).
+        self.blocking = blocking
         self.urls = list(urls)
         self.stats = stats
         self.connect_timeout = connect_timeout
@@ -80,7 +82,8 @@ class Link(object):
         self.supports_amqp = False
         self._conn = None
         self._raw = None
-        self._poller = None
+        #: The FastPath of the current connection, when used.
+        self.fast = None
         self._pid = None
         self._wlock = RLock()
         self._rlock = RLock()
@@ -128,7 +131,7 @@ class Link(object):
         pid = os.getpid()
         if self._pid != pid:
             # Inherited through fork: the parent owns that socket; forget it.
-            self._conn = self._raw = self._poller = None
+            self._conn = self._raw = self.fast = None
             self.connected = False
             self._reader = None
             self._up = Event()
@@ -164,7 +167,7 @@ class Link(object):
         caller connects, bounded by ``deadline``.
         """
         if self.connected and self._pid == os.getpid():
-            if self._reader is not None or self._poller is None or not self._poller.poll(0):
+            if self._reader is not None or self.fast is None or not self.fast.has_pending():
                 return
             # Caller-driven and the broker sent something since our last read
             # (a connection close, late replies): read it before writing, or a
@@ -221,10 +224,10 @@ class Link(object):
                 raise NotConnected('%s link: cannot connect to %s: %s'
                                    % (self.name, self.describe(), exc)) from exc
             self._raw = raw
-            self._poller = None
-            if self.supports_amqp:
-                self._poller = _poll()
-                self._poller.register(raw.transport.sock.fileno(), _POLLIN)
+            self.fast = None
+            if self.supports_amqp and self.use_fast:
+                self.fast = FastPath(raw, blocking=self.blocking and self._reader is None)
+                self.fast.write_timeout = self.connect_timeout
             self.host = conn.host if conn.port else conn.as_uri()
             self.generation += 1
             self.connected = True
@@ -246,10 +249,9 @@ class Link(object):
             return  # another greenlet is reading it right now
         gen = self.generation
         try:
-            drain = self._conn.transport.drain_events
-            while self.connected and gen == self.generation and self._poller.poll(0):
+            while self.connected and gen == self.generation and self.fast.has_pending():
                 try:
-                    drain(self._raw, timeout=self.poll_interval)
+                    self._drain(self.poll_interval)
                 except socket.timeout:
                     break
         except self._errors as exc:
@@ -265,7 +267,7 @@ class Link(object):
     def _drop(self):
         """Forget the current connection without talking to the broker."""
         conn = self._conn
-        self._raw = self._poller = None
+        self._raw = self.fast = None
         if conn is None:
             return
         try:
@@ -300,6 +302,14 @@ class Link(object):
                 log.exception('%s link: on-disconnect callback failed', self.name)
 
     # -- using the socket ----------------------------------------------
+    def _drain(self, timeout):
+        """Read and handle what arrives within ``timeout`` (caller holds the read lock)."""
+        fast = self.fast
+        if fast is not None:
+            fast.drain(timeout)
+        else:
+            self._conn.transport.drain_events(self._raw, timeout=timeout)
+
     def write(self, fn, *args, **kwargs):
         """Call ``fn``, which only writes, with the write lock held."""
         gen = self.generation
@@ -358,14 +368,12 @@ class Link(object):
             gen = self.generation
             self._read_free.clear()
             try:
-                drain = self._conn.transport.drain_events
-                raw = self._raw
                 while not result.ready() and self.connected and gen == self.generation:
                     remaining = deadline - monotonic()
                     if remaining <= 0:
                         break
                     try:
-                        drain(raw, timeout=remaining)
+                        self._drain(remaining)
                     except socket.timeout:
                         break
             except self._errors as exc:
@@ -427,7 +435,7 @@ class Link(object):
             try:
                 with self._rlock:
                     try:
-                        conn.transport.drain_events(self._raw, timeout=self.poll_interval)
+                        self._drain(self.poll_interval)
                         frames += 1
                     except socket.timeout:
                         frames = 0
@@ -435,7 +443,10 @@ class Link(object):
                 if now >= next_beat:
                     next_beat = now + self.poll_interval
                     with self._wlock:
-                        conn.transport.heartbeat_check(self._raw, rate=2)
+                        # Waiting for the lock let writers run: one may have found
+                        # the connection dead meanwhile.
+                        if gen == self.generation and self.connected:
+                            conn.transport.heartbeat_check(self._raw, rate=2)
             except self._errors as exc:
                 self.lost(exc, gen)
                 continue

@@ -7,6 +7,7 @@ from time import monotonic
 from gevent.event import AsyncResult
 
 from . import _defaults as D
+from ._amqpfast import FAST_PROPERTIES
 from .errors import (
     BufferFull, ConnectionLost, NotConnected, PublishNacked, UnknownExchange,
 )
@@ -117,11 +118,12 @@ class Publisher(object):
     def _returned(self, exc, exchange, routing_key, message):
         self.stats.returned += 1
         correlation_id = message.properties.get('correlation_id')
-        log.warning('message to %r/%r returned by the broker: %s', exchange,
-                    routing_key, getattr(exc, 'reply_text', exc))
-        if self.on_return is not None and correlation_id:
-            self.on_return(correlation_id, exchange, routing_key,
-                           getattr(exc, 'reply_text', str(exc)))
+        reason = getattr(exc, 'reply_text', str(exc))
+        # A waiting query takes the error (its caller decides what to log).
+        if not (self.on_return is not None and correlation_id
+                and self.on_return(correlation_id, exchange, routing_key, reason)):
+            log.warning('message to %r/%r returned by the broker: %s', exchange,
+                        routing_key, reason)
 
     # -- sending --------------------------------------------------------
     def verify(self, exchange):
@@ -140,10 +142,19 @@ class Publisher(object):
         """Write one message; the link must be up. Returns the channel used."""
         self.verify(exchange)
         channel = channel or self.channel
-        message = channel.prepare_message(body, None, D.CONTENT_TYPE, 'utf-8', headers,
-                                          dict(props) if props else None)
-        self.link.write(channel.basic_publish, message, exchange=exchange,
-                        routing_key=routing_key, mandatory=mandatory)
+        link = self.link
+        fast = link.fast
+        if fast is not None and (not props or FAST_PROPERTIES.issuperset(props)):
+            properties = dict(props) if props else {}
+            properties['content_type'] = D.CONTENT_TYPE
+            properties['content_encoding'] = 'utf-8'
+            link.write(fast.publish, channel.channel_id, exchange, routing_key, body,
+                       properties, headers, mandatory)
+        else:
+            message = channel.prepare_message(body, None, D.CONTENT_TYPE, 'utf-8', headers,
+                                              dict(props) if props else None)
+            link.write(channel.basic_publish, message, exchange=exchange,
+                       routing_key=routing_key, mandatory=mandatory)
         self.stats.published += 1
 
     def publish(self, exchange, routing_key, body, headers=None, props=None,

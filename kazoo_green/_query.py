@@ -88,10 +88,14 @@ class ReplyWaiter(object):
                 result.set_exception(error)
 
     def _returned(self, correlation_id, exchange, routing_key, reply_text):
+        """Fail the query a returned request belongs to; True if there was one."""
         result = self._pending.get(correlation_id)
-        if result is not None and not result.ready():
+        if result is None:
+            return False
+        if not result.ready():
             result.set_exception(Unroutable('query to %r/%r was returned by the broker: %s'
                                             % (exchange, routing_key, reply_text)))
+        return True
 
     def _on_reply(self, message):
         """Runs in the greenlet that reads the socket: no blocking here."""
@@ -126,7 +130,7 @@ class ReplyWaiter(object):
         try:
             props = {'correlation_id': msg_id}
             link = self.link
-            link.ensure(deadline)
+            link.ensure(deadline)  # connected first: use_reply_to is known then
             if self.use_reply_to:
                 props['reply_to'] = D.DIRECT_REPLY_TO
             self.publisher.publish(exchange, routing_key, dumps(payload), headers, props,

@@ -113,6 +113,8 @@ class Kazoo(runtime.Kazoo):
 
     def __init__(self, brokers=None, **kwargs):
         kwargs.setdefault('app_name', 'kamailio')
+        # SIP workers wait for replies in poll(2): nothing else runs there anyway.
+        kwargs.setdefault('blocking', True)
         super(Kazoo, self).__init__(brokers, **kwargs)
         self.async_queue = '%s-async' % self.node
         self._resume = _Resume()

@@ -36,6 +36,11 @@ class Kazoo(object):
       reconnects, heartbeats and the worker greenlets that run event routes
       for ``subscribe``-d messages.
 
+    ``blocking=True`` makes a caller-driven wait block the whole process in
+    ``poll(2)`` instead of switching to gevent's hub: cheaper, and right where
+    nothing else runs (Kamailio SIP workers), wrong where other greenlets must
+    run meanwhile. It never applies to started (background) connections.
+
     Example (no broker needed)::
 
         kz = Kazoo('memory://', app_name='demo')
@@ -55,7 +60,7 @@ class Kazoo(object):
                  publish_buffer=D.PUBLISH_BUFFER, connect_timeout=D.CONNECT_TIMEOUT,
                  heartbeat=D.HEARTBEAT, confirm_timeout=D.CONFIRM_TIMEOUT,
                  direct_reply_to=True, poll_interval=D.POLL_INTERVAL,
-                 transport_options=None):
+                 transport_options=None, blocking=False):
         self.urls = parse_brokers(brokers)
         self.app_name = app_name
         self.app_version = app_version or __version__
@@ -67,7 +72,7 @@ class Kazoo(object):
         self.dispatcher = Dispatcher(workers)
         link_args = dict(connect_timeout=connect_timeout, heartbeat=heartbeat,
                          poll_interval=poll_interval, transport_options=transport_options,
-                         label=self.node)
+                         label=self.node, blocking=blocking)
         self._pub_link = Link('publish', self.urls, self._stats, **link_args)
         self._publisher = Publisher(self._pub_link, self._stats, publish_buffer)
         self._replies = ReplyWaiter(self._pub_link, self._publisher, self._stats, self.node,
@@ -233,8 +238,12 @@ class Kazoo(object):
             self._sub_link.start()
 
     def stop(self, timeout=D.STOP_TIMEOUT):
-        """Stop gracefully: no new deliveries, in-flight handlers finish and settle."""
+        """Stop gracefully: no new deliveries, in-flight handlers finish and settle.
+
+        On a runtime that was never started this closes its connection.
+        """
         if not self._started:
+            self._pub_link.stop()
             return
         self._subscriber.cancel_all()
         if not self.dispatcher.join(timeout):

@@ -58,7 +58,10 @@ class Router(kemi.Handler):
         if method == 'REGISTER':
             return self.register()
         if method == 'ACK':
-            return 1  # ACKs of our own negative replies; tm/sl absorb them
+            # ACKs of our negative replies: t_check_trans lets tm match (and absorb)
+            # the ACK of a stateful reply, which stops its retransmissions.
+            KSR.tm.t_check_trans()
+            return 1
         KSR.sl.sl_send_reply(501, 'Not Implemented')
         return 1
 

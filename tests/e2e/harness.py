@@ -50,6 +50,10 @@ class Responder(object):
         self.proc = None
 
     def start(self):
+        others = rabbit_queues().get(self.QUEUE, (0, 0))[0]
+        if others:
+            raise RuntimeError('%d other consumer(s) already on %s: another responder runs '
+                               'and would answer in this one\'s place' % (others, self.QUEUE))
         self._log = open(self.log_path, 'a')
         self.proc = subprocess.Popen([PYTHON, os.path.join(ROOT, 'examples', 'responder.py')],
                                      cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT)

@@ -27,7 +27,12 @@ class PlainResponder(object):
         self.channel = self.conn.channel()
         # py-amqp declares auto_delete=True unless told; Kazoo's are not.
         self.channel.exchange_declare(exchange=exchange, type='topic', auto_delete=False)
-        self.channel.exchange_declare(exchange='targeted', type='direct', auto_delete=False)
+        try:  # whoever made `targeted` first chose its flags; use it as it is
+            self.channel.exchange_declare(exchange='targeted', type='direct', passive=True)
+        except amqp.exceptions.NotFound:
+            self.channel = self.conn.channel()
+            self.channel.exchange_declare(exchange='targeted', type='direct',
+                                          auto_delete=False)
         queue = unique('responder')
         self.channel.queue_declare(queue=queue, auto_delete=True)
         self.channel.queue_bind(queue=queue, exchange=exchange, routing_key=routing_key)

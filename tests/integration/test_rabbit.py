@@ -435,3 +435,38 @@ def test_consumer_cancelled_by_the_broker_is_restored(runtimes):
     kz.publish(exchange, 'a', event('a', 'b', n=1))
     assert wait_for(lambda: seen == [1]), seen
     assert kz.stats()['reconnects'] == 0  # restored without dropping the connection
+
+
+def test_writes_that_wait_for_a_slow_broker_do_not_drop_the_connection(runtimes):
+    """A writer waiting for a full socket must not inherit the reader's short timeout."""
+    port = 25000 + os.getpid() % 5000
+    proxy = subprocess.Popen(['/usr/bin/python3', os.path.join(os.path.dirname(__file__),
+                                                             'stall_proxy.py'),
+                              str(port), '0.5', '1.0'], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proxy.stdout.readline().strip() == 'ready'
+        kz = runtimes('amqp://guest:guest@127.0.0.1:%d//' % port)
+        kz.start()
+        assert kz.wait_connected(10)
+        payload = event('a', 'b', Pad='x' * 4000)
+        errors = []
+
+        def publish(until):
+            while monotonic() < until:
+                try:
+                    kz.publish('amq.topic', 'nowhere', payload)
+                except KazooError as exc:
+                    errors.append(exc)
+                gevent.sleep(0)
+
+        until = monotonic() + 3.0  # three stalls
+        gevent.joinall([gevent.spawn(publish, until) for _ in range(10)], timeout=60)
+        stats = kz.stats()
+        print('\nstalling broker: 4 KB messages for 3 s: %r' % (
+            {k: v for k, v in stats.items() if v},))
+        assert errors == []
+        assert stats['published'] > 1000 and stats['buffered'] == 0
+        assert stats['reconnects'] == 0 and stats['connection_errors'] == 0
+    finally:
+        proxy.kill()
+        proxy.wait()
