@@ -26,7 +26,7 @@ CONNECT_TIMEOUT = 2.0
 HEARTBEAT = 10
 #: How long the background reader blocks in one read before it checks
 #: heartbeats and lets a waiting synchronous AMQP call take the socket.
-POLL_INTERVAL = 0.05
+POLL_INTERVAL = 0.1
 #: First and largest pause between two full rounds of failed connects.
 RECONNECT_DELAY = 0.1
 RECONNECT_DELAY_MAX = 2.0

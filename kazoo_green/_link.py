@@ -32,6 +32,7 @@ from kombu import Connection
 from . import _defaults as D
 from ._amqpfast import FastPath
 from .errors import ConnectionLost, NotConnected
+from .wire import current_pid
 
 __all__ = ['Link', 'parse_brokers']
 
@@ -128,7 +129,7 @@ class Link(object):
 
     # -- connecting -----------------------------------------------------
     def _check_pid(self):
-        pid = os.getpid()
+        pid = current_pid()
         if self._pid != pid:
             # Inherited through fork: the parent owns that socket; forget it.
             self._conn = self._raw = self.fast = None
@@ -166,7 +167,7 @@ class Link(object):
         connect it waits for it until ``deadline``. Without a reader, the
         caller connects, bounded by ``deadline``.
         """
-        if self.connected and self._pid == os.getpid():
+        if self.connected and self._pid == current_pid():
             if self._reader is not None or self.fast is None or not self.fast.has_pending():
                 return
             # Caller-driven and the broker sent something since our last read

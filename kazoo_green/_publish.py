@@ -158,12 +158,13 @@ class Publisher(object):
         self.stats.published += 1
 
     def publish(self, exchange, routing_key, body, headers=None, props=None,
-                mandatory=False, deadline=None, buffer=True):
+                mandatory=False, deadline=None, buffer=True, ensured=False):
         """Send now, or keep in the buffer while no broker is reachable.
 
         Order is kept: while older messages wait in the buffer, new ones
         queue behind them. With ``buffer=False`` (queries) a missing
-        connection raises NotConnected instead.
+        connection raises NotConnected instead. ``ensured``: the caller has just
+        made sure the link is up.
         """
         link = self.link
         if buffer and self._buffer:
@@ -172,7 +173,8 @@ class Publisher(object):
             if self._buffer:
                 return self._keep(exchange, routing_key, body, headers, props, mandatory)
         try:
-            link.ensure(deadline)
+            if not ensured:
+                link.ensure(deadline)
             self._send(exchange, routing_key, body, headers, props, mandatory)
         except NotConnected:
             if not buffer:

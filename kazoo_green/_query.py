@@ -1,14 +1,13 @@
 """Queries: one reply queue per process, both reply styles, correlation by Msg-ID."""
 
 import logging
-import os
 from time import monotonic
 
 from gevent.event import AsyncResult
 
 from . import _defaults as D
 from .errors import BadMessage, ConnectionLost, KazooError, QueryFailed, QueryTimeout, Unroutable
-from .wire import dumps, loads_payload
+from .wire import current_pid, dumps, loads_payload
 
 __all__ = ['ReplyWaiter']
 
@@ -49,7 +48,7 @@ class ReplyWaiter(object):
     @property
     def server_id(self):
         """Routing key (and queue name) of this process's reply queue."""
-        pid = os.getpid()
+        pid = current_pid()
         if self._server_pid != pid:
             self._server_id = '%s-<%d>-targeted-%x' % (self.node, pid, id(self) & 0xffff)
             self._server_pid = pid
@@ -135,7 +134,7 @@ class ReplyWaiter(object):
                 props['reply_to'] = D.DIRECT_REPLY_TO
             self.publisher.publish(exchange, routing_key, dumps(payload), headers, props,
                                    mandatory=mandatory and link.supports_amqp,
-                                   deadline=deadline, buffer=False)
+                                   deadline=deadline, buffer=False, ensured=True)
             if not link.wait(result, deadline):
                 self.stats.queries_timeout += 1
                 raise QueryTimeout('no reply from %r/%r within %.3fs (Msg-ID %s)'

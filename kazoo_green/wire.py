@@ -10,7 +10,7 @@ from .errors import BadMessage, InvalidPayload
 
 __all__ = [
     'encode', 'json_path', 'dumps', 'loads_payload', 'to_payload', 'stamp',
-    'route_names', 'normalise_route',
+    'route_names', 'normalise_route', 'current_pid',
 ]
 
 _KEEP = frozenset(b'abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-~_')
@@ -185,3 +185,13 @@ def route_names(payload, key=D.EVENT_KEY, subkey=D.EVENT_SUBKEY):
 
 def hostname():
     return os.uname().nodename
+
+
+_pid = [os.getpid()]
+# Kamailio forks in C but runs Python's after-fork hooks (PyOS_AfterFork_Child).
+os.register_at_fork(after_in_child=lambda: _pid.__setitem__(0, os.getpid()))
+
+
+def current_pid():
+    """This process's id without a system call (kept right across forks)."""
+    return _pid[0]
