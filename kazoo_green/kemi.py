@@ -44,6 +44,7 @@ whichever consumer process gets it.
 import logging
 import os
 import re
+from collections import deque
 from time import monotonic
 
 import gevent
@@ -119,7 +120,8 @@ class Kazoo(runtime.Kazoo):
         self.async_queue = '%s-async' % self.node
         self._resume = _Resume()
         self._async_pending = {}   # Msg-ID -> (index, label, on_timeout, timer)
-        self._async_done = {}      # Msg-ID -> time resumed
+        self._async_done = set()   # Msg-IDs resumed in the last _DONE_TTL seconds
+        self._async_done_order = deque()  # (time, Msg-ID), oldest first
         self._consuming_async = False
         self._pub_link.add_up_hook(self._declare_async_queue)
         self._sub_link.add_up_hook(self._consume_async_queue)
@@ -285,17 +287,18 @@ class Kazoo(runtime.Kazoo):
         self.dispatcher.submit(self._continue, (index, label, on_reply, payload, None))
 
     def _mark_done(self, msg_id):
-        done = self._async_done
+        done, order = self._async_done, self._async_done_order
         now = monotonic()
-        done[msg_id] = now
-        if len(done) > 10000:
-            for key in [k for k, t in done.items() if now - t > _DONE_TTL]:
-                del done[key]
+        while order and now - order[0][0] > _DONE_TTL:  # oldest first: O(1) each
+            done.discard(order.popleft()[1])
+        done.add(msg_id)
+        order.append((now, msg_id))
 
     def after_fork(self):
         """In ``child_init``: nothing inherited from the parent is used (no I/O here)."""
         self._async_pending = {}
-        self._async_done = {}
+        self._async_done = set()
+        self._async_done_order = deque()
 
     def stop(self, timeout=None):
         pending, self._async_pending = self._async_pending, {}

@@ -470,10 +470,10 @@ def test_child_init_reinits_gevent_and_forgets_inherited_state(fake, monkeypatch
     reinits = []
     monkeypatch.setattr(gevent, 'reinit', lambda *a, **k: reinits.append(a))
     kz._async_pending['x'] = None
-    kz._async_done['y'] = 0.0
+    kz._mark_done('y')
     assert handler.child_init(3) == 0
     assert reinits == [()]
-    assert (kz._async_pending, kz._async_done) == ({}, {})
+    assert (kz._async_pending, kz._async_done, len(kz._async_done_order)) == ({}, set(), 0)
 
 
 def test_use_kamailio_log_routes_records_by_level(fake, kz_logger):
@@ -583,3 +583,15 @@ def test_example_router_script(kamailio, runtimes, fake, monkeypatch):
     assert len(fake.continues) == 2 and all(c.result == 1 for c in fake.continues)
     assert fake.errors == []
     assert isinstance(router.kz, kemi.Kazoo) and isinstance(router.kz, kazoo_green.Kazoo)
+
+
+def test_resumed_ids_are_forgotten_after_their_ttl(monkeypatch):
+    kz = kemi.Kazoo(MEM, node=unique('kamailio'))
+    clock = [1000.0]
+    monkeypatch.setattr(kemi, 'monotonic', lambda: clock[0])
+    for i in range(50000):
+        kz._mark_done('id%d' % i)
+    assert len(kz._async_done) == 50000
+    clock[0] += kemi._DONE_TTL + 1
+    kz._mark_done('fresh')
+    assert kz._async_done == {'fresh'} and len(kz._async_done_order) == 1
