@@ -246,19 +246,33 @@ class Link(object):
 
     def _drain_pending(self):
         """Read what is waiting on the socket, without blocking for more."""
+        fast = self.fast
+        self._read_until(lambda: not fast.has_pending(), lambda: self.poll_interval)
+
+    def _read_until(self, done, time_left):
+        """Be the reader until ``done()``, or ``time_left()`` is spent, or the link dies.
+
+        Returns False at once if another greenlet is reading the socket.
+        """
         if not self._rlock.acquire(blocking=False):
-            return  # another greenlet is reading it right now
+            return False
         gen = self.generation
+        self._read_free.clear()
         try:
-            while self.connected and gen == self.generation and self.fast.has_pending():
+            while not done() and self.connected and gen == self.generation:
+                timeout = time_left()
+                if timeout <= 0:
+                    break
                 try:
-                    self._drain(self.poll_interval)
+                    self._drain(timeout)
                 except socket.timeout:
                     break
         except self._errors as exc:
             self.lost(exc, gen)
         finally:
             self._rlock.release()
+            self._read_free.set()
+        return True
 
     def _connect_failed(self, exc, interval):
         self.stats.connection_errors += 1
@@ -363,25 +377,8 @@ class Link(object):
             if self._reader is not None or not self.connected:
                 result.wait(remaining)
                 continue
-            if not self._rlock.acquire(blocking=False):
+            if not self._read_until(result.ready, lambda: deadline - monotonic()):
                 gevent.wait([result, self._read_free], count=1, timeout=remaining)
-                continue
-            gen = self.generation
-            self._read_free.clear()
-            try:
-                while not result.ready() and self.connected and gen == self.generation:
-                    remaining = deadline - monotonic()
-                    if remaining <= 0:
-                        break
-                    try:
-                        self._drain(remaining)
-                    except socket.timeout:
-                        break
-            except self._errors as exc:
-                self.lost(exc, gen)
-            finally:
-                self._rlock.release()
-                self._read_free.set()
         return result.ready()
 
     # -- background reader ---------------------------------------------
