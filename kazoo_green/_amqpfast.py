@@ -20,6 +20,7 @@ may run anyway and a hub switch per read is pure cost.
 """
 
 import calendar
+import math
 import socket
 from struct import Struct, pack, unpack_from
 from time import monotonic
@@ -40,6 +41,8 @@ _DELIVER_TAG = Struct('>QB')
 _ACK = Struct('>BHIHHQBB')       # frame header, class, method, tag, bit, frame end
 _FRAME_END = b'\xce'
 _PUBLISH_SIG = pack('>HHH', 60, 40, 0)
+# exchange.declare(reserved, 'amq.direct', 'direct', passive, no other bits, {})
+_PROBE_DECLARE = pack('>HHH', 40, 10, 0) + b'\x0aamq.direct\x06direct\x01' + b'\x00' * 4
 _DELIVER = (60, 60)
 _CHUNK = 65536
 
@@ -61,6 +64,11 @@ def _shortstr(value):
     if len(data) > 255:
         raise ValueError('AMQP short string longer than 255 bytes: %r...' % data[:40])
     return bytes((len(data),)) + data
+
+
+def _frame(frame_type, channel_id, payload):
+    return b''.join((_FRAME_HEADER.pack(frame_type, channel_id, len(payload)), payload,
+                     _FRAME_END))
 
 
 def _timestamp(value):
@@ -165,7 +173,7 @@ class FastPath(object):
         """
         while True:
             if self.blocking:
-                ms = -1 if timeout is None else max(0, int(timeout * 1000))
+                ms = -1 if timeout is None else max(0, math.ceil(timeout * 1000))
                 if not self._poller.poll(ms):
                     raise socket.timeout()
             else:
@@ -329,6 +337,11 @@ class FastPath(object):
                 mandatory):
         self._write(encode_publish(channel_id, exchange, routing_key, body, properties,
                                    headers, mandatory, self.frame_max))
+        self.connection.bytes_sent += 1
+
+    def probe(self, channel_id):
+        """A passive ``exchange.declare`` of amq.direct: a request every broker answers."""
+        self._write(_frame(1, channel_id, _PROBE_DECLARE))
         self.connection.bytes_sent += 1
 
     def ack(self, channel_id, delivery_tag):

@@ -5,7 +5,7 @@ __all__ = [
     'CONNECT_TIMEOUT', 'HEARTBEAT', 'POLL_INTERVAL', 'RECONNECT_DELAY',
     'RECONNECT_DELAY_MAX', 'STOP_TIMEOUT', 'TARGETED_EXCHANGE',
     'DIRECT_REPLY_TO', 'EVENT_KEY', 'EVENT_SUBKEY', 'ROUTE_PREFIX',
-    'MEMORY_POLLING_INTERVAL', 'CONTENT_TYPE', 'CONFIRM_TIMEOUT',
+    'MEMORY_POLLING_INTERVAL', 'CONTENT_TYPE', 'CONFIRM_TIMEOUT', 'PROBE_GRACE',
 ]
 
 #: Used when no broker list is given.
@@ -30,6 +30,9 @@ POLL_INTERVAL = 0.1
 #: First and largest pause between two full rounds of failed connects.
 RECONNECT_DELAY = 0.1
 RECONNECT_DELAY_MAX = 2.0
+#: Seconds a caller-driven connection has to answer a probe sent after a query
+#: timed out, before it counts as dead (a frozen broker never closes TCP).
+PROBE_GRACE = 0.5
 #: Seconds stop() waits for in-flight handlers to finish.
 STOP_TIMEOUT = 10.0
 #: Direct exchange where Kazoo-style responders send replies (Server-ID).

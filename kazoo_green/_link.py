@@ -99,6 +99,8 @@ class Link(object):
         self._reader = None
         self._running = False
         self._lost_once = False
+        self._probe_at = None
+        self._probe_mark = 0
         self._errors = ()
         self._channel_errors = ()
 
@@ -168,12 +170,15 @@ class Link(object):
         caller connects, bounded by ``deadline``.
         """
         if self.connected and self._pid == current_pid():
-            if self._reader is not None or self.fast is None or not self.fast.has_pending():
+            if self._reader is not None or self.fast is None:
                 return
-            # Caller-driven and the broker sent something since our last read
-            # (a connection close, late replies): read it before writing, or a
-            # publish could go into a connection the broker already closed.
-            self._drain_pending()
+            if self.fast.has_pending():
+                # Caller-driven and the broker sent something since our last read
+                # (a connection close, late replies): read it before writing, or a
+                # publish could go into a connection the broker already closed.
+                self._drain_pending()
+            if self._probe_at is not None and self.connected:
+                self._judge_probe(deadline)
             if self.connected:
                 return
         self._check_pid()
@@ -244,6 +249,38 @@ class Link(object):
             except Exception:
                 log.exception('%s link: on-connect callback failed', self.name)
 
+    def send_probe(self, send):
+        """Caller-driven, after a wait that heard nothing: ask the broker for an answer.
+
+        ``send`` writes a request the broker must answer. The next ``ensure``
+        judges: anything received since means the broker is alive; silence
+        past PROBE_GRACE means it is frozen or cut off (no TCP close ever comes),
+        so the connection is dropped and the next broker tried.
+        """
+        if (self._reader is not None or self._probe_at is not None or not self.connected
+                or self.fast is None):
+            return
+        self._probe_mark = self._raw.bytes_recv
+        try:
+            self.write(send)
+        except ConnectionLost:
+            return
+        self._probe_at = monotonic()
+
+    def _judge_probe(self, deadline):
+        """Wait (within ``deadline``) for a sign of life; drop the connection without one."""
+        raw, mark = self._raw, self._probe_mark
+        expires = self._probe_at + D.PROBE_GRACE
+        until = expires if deadline is None else min(expires, deadline)
+        waited = self._read_until(lambda: raw.bytes_recv > mark, lambda: until - monotonic())
+        if not self.connected or raw is not self._raw:
+            return
+        if raw.bytes_recv > mark:
+            self._probe_at = None
+        elif waited and until >= expires:  # heard nothing for the whole grace
+            self.lost(ConnectionLost('broker did not answer a probe for %.1fs'
+                                     % (monotonic() - self._probe_at)), self.generation)
+
     def _drain_pending(self):
         """Read what is waiting on the socket, without blocking for more."""
         fast = self.fast
@@ -282,7 +319,7 @@ class Link(object):
     def _drop(self):
         """Forget the current connection without talking to the broker."""
         conn = self._conn
-        self._raw = self.fast = None
+        self._raw = self.fast = self._probe_at = None
         if conn is None:
             return
         try:

@@ -126,6 +126,10 @@ class Publisher(object):
                         routing_key, reason)
 
     # -- sending --------------------------------------------------------
+    def send_probe(self):
+        """Write (without waiting) a request the broker answers, on the probe channel."""
+        self.link.fast.probe(self._probe.channel_id)
+
     def verify(self, exchange):
         """Raise UnknownExchange unless ``exchange`` exists (cached per connection)."""
         if not exchange or exchange in self._verified or exchange.startswith('amq.'):

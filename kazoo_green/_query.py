@@ -41,18 +41,27 @@ class ReplyWaiter(object):
         self._pending = {}
         self._server_id = None
         self._server_pid = None
+        self._connections = 0
         link.add_up_hook(self._setup)
         link.on_down(self._down)
         publisher.on_return = self._returned
 
     @property
     def server_id(self):
-        """Routing key (and queue name) of this process's reply queue."""
+        """Routing key (and queue name) of this process's reply queue.
+
+        Named anew for each connection: after leaving a broker that froze, the old
+        connection (and the exclusive queue it owns) can live on for a while.
+        """
         pid = current_pid()
         if self._server_pid != pid:
-            self._server_id = '%s-<%d>-targeted-%x' % (self.node, pid, id(self) & 0xffff)
+            self._server_id = self._name(pid, 0)
             self._server_pid = pid
         return self._server_id
+
+    def _name(self, pid, count):
+        return '%s-<%d>-targeted-%x%s' % (self.node, pid, id(self) & 0xffff,
+                                          '-%d' % count if count else '')
 
     @property
     def pending(self):
@@ -68,7 +77,10 @@ class ReplyWaiter(object):
             # py-amqp has re-opened the channel the broker closed.
             probe.exchange_declare(exchange=self.targeted_exchange, type='direct')
         probe.close()
-        queue = self.server_id
+        self._server_id = self._name(current_pid(), self._connections)
+        self._server_pid = current_pid()
+        self._connections += 1
+        queue = self._server_id
         channel.queue_declare(queue=queue, exclusive=True, auto_delete=True)
         channel.queue_bind(queue=queue, exchange=self.targeted_exchange, routing_key=queue)
         channel.basic_consume(queue=queue, no_ack=True, callback=self._on_reply,
@@ -119,17 +131,23 @@ class ReplyWaiter(object):
     def query(self, exchange, routing_key, payload, timeout, headers=None, mandatory=True):
         """Send ``payload`` (a stamped dict) and return the reply dict."""
         deadline = monotonic() + timeout
-        payload['Server-ID'] = self.server_id
         msg_id = payload['Msg-ID']
         if msg_id in self._pending:
             raise KazooError('a query with Msg-ID %r is already waiting' % (msg_id,))
-        result = AsyncResult()
-        self._pending[msg_id] = result
+        link = self.link
         self.stats.queries += 1
         try:
+            # Connected before this query waits: a reconnect fails waiting queries, and
+            # the reply queue's name and use_reply_to are known then.
+            link.ensure(deadline)
+        except KazooError:
+            self.stats.queries_failed += 1
+            raise
+        payload['Server-ID'] = self.server_id
+        result = AsyncResult()
+        self._pending[msg_id] = result
+        try:
             props = {'correlation_id': msg_id}
-            link = self.link
-            link.ensure(deadline)  # connected first: use_reply_to is known then
             if self.use_reply_to:
                 props['reply_to'] = D.DIRECT_REPLY_TO
             self.publisher.publish(exchange, routing_key, dumps(payload), headers, props,
@@ -137,6 +155,8 @@ class ReplyWaiter(object):
                                    deadline=deadline, buffer=False, ensured=True)
             if not link.wait(result, deadline):
                 self.stats.queries_timeout += 1
+                # Caller-driven: a silent timeout may be a frozen broker; check it.
+                link.send_probe(self.publisher.send_probe)
                 raise QueryTimeout('no reply from %r/%r within %.3fs (Msg-ID %s)'
                                    % (exchange, routing_key, timeout, msg_id))
             reply = result.get(block=False)

@@ -8,6 +8,7 @@ request's ``correlation_id``; the body carries no ``Msg-ID``.
 
 import socket
 
+import kazoo_green  # noqa: F401  (gevent's patching before kombu, also when run alone)
 import amqp
 import gevent
 import simplejson
@@ -78,3 +79,24 @@ class PlainResponder(object):
             self.conn.release()
         except Exception:
             pass
+
+
+def main(argv):
+    """``python -m tests.integration.responders EXCHANGE [STYLE [DELAY]]``: a responder in a
+    process of its own (for callers that block their whole process while they wait)."""
+    import sys
+    exchange = argv[1]
+    style = argv[2] if len(argv) > 2 else 'kazoo'
+    delay = float(argv[3]) if len(argv) > 3 else 0.0
+    responder = PlainResponder(exchange, 'route.req', style, delay)
+    print('ready', flush=True)
+    try:
+        responder._reader.join()
+    finally:
+        responder.close()
+    sys.exit(0)
+
+
+if __name__ == '__main__':
+    import sys
+    main(sys.argv)

@@ -1,15 +1,21 @@
 """A loopback TCP proxy to the broker that stops reading from its clients for STALL
 seconds out of every PERIOD (a slow broker or network: the client's socket fills up).
+SIGUSR1 freezes it completely (nothing forwarded either way, connections stay open: a
+broker stopped with SIGSTOP, or a cut network); SIGUSR2 thaws it.
 
     python stall_proxy.py LISTEN_PORT STALL PERIOD     (prints "ready" when listening)
 
 Plain threads, no gevent: it must stall independently of the process under test.
 """
 
+import signal
 import socket
 import sys
 import threading
 import time
+
+flowing = threading.Event()
+flowing.set()
 
 
 def pipe(src, dst, period, stall):
@@ -19,9 +25,11 @@ def pipe(src, dst, period, stall):
                 phase = time.monotonic() % period
                 if phase < stall:
                     time.sleep(stall - phase)
+            flowing.wait()
             data = src.recv(65536)
             if not data:
                 break
+            flowing.wait()
             dst.sendall(data)
     except OSError:
         pass
@@ -35,6 +43,8 @@ def pipe(src, dst, period, stall):
 
 def main():
     port, stall, period = int(sys.argv[1]), float(sys.argv[2]), float(sys.argv[3])
+    signal.signal(signal.SIGUSR1, lambda *_: flowing.clear())
+    signal.signal(signal.SIGUSR2, lambda *_: flowing.set())
     server = socket.socket()
     server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     server.bind(('127.0.0.1', port))

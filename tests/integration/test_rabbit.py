@@ -19,6 +19,8 @@ from ..conftest import (
 )
 from .responders import PlainResponder
 
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
 
 def event(category, name, **fields):
     payload = {'Event-Category': category, 'Event-Name': name}
@@ -437,15 +439,32 @@ def test_consumer_cancelled_by_the_broker_is_restored(runtimes):
     assert kz.stats()['reconnects'] == 0  # restored without dropping the connection
 
 
-def test_writes_that_wait_for_a_slow_broker_do_not_drop_the_connection(runtimes):
+@pytest.fixture
+def proxy():
+    """Start tests/integration/stall_proxy.py; returns (its AMQP URL, its process)."""
+    procs = []
+
+    def start(stall=0.0, period=1.0):
+        port = 25000 + (os.getpid() * 7 + len(procs)) % 5000
+        proc = subprocess.Popen(['/usr/bin/python3', os.path.join(os.path.dirname(__file__),
+                                                                'stall_proxy.py'),
+                                 str(port), str(stall), str(period)], stdout=subprocess.PIPE,
+                                text=True)
+        procs.append(proc)
+        assert proc.stdout.readline().strip() == 'ready'
+        return 'amqp://guest:guest@127.0.0.1:%d//' % port, proc
+
+    yield start
+    for proc in procs:
+        proc.kill()
+        proc.wait()
+
+
+def test_writes_that_wait_for_a_slow_broker_do_not_drop_the_connection(runtimes, proxy):
     """A writer waiting for a full socket must not inherit the reader's short timeout."""
-    port = 25000 + os.getpid() % 5000
-    proxy = subprocess.Popen(['/usr/bin/python3', os.path.join(os.path.dirname(__file__),
-                                                             'stall_proxy.py'),
-                              str(port), '0.5', '1.0'], stdout=subprocess.PIPE, text=True)
-    try:
-        assert proxy.stdout.readline().strip() == 'ready'
-        kz = runtimes('amqp://guest:guest@127.0.0.1:%d//' % port)
+    url, _ = proxy(stall=0.5, period=1.0)
+    if True:
+        kz = runtimes(url)
         kz.start()
         assert kz.wait_connected(10)
         payload = event('a', 'b', Pad='x' * 4000)
@@ -467,6 +486,42 @@ def test_writes_that_wait_for_a_slow_broker_do_not_drop_the_connection(runtimes)
         assert errors == []
         assert stats['published'] > 1000 and stats['buffered'] == 0
         assert stats['reconnects'] == 0 and stats['connection_errors'] == 0
-    finally:
-        proxy.kill()
-        proxy.wait()
+
+
+@pytest.mark.parametrize('blocking', [True, False], ids=['blocking', 'cooperative'])
+def test_caller_driven_link_leaves_a_frozen_broker_on_the_next_call(runtimes, responder,
+                                                                    proxy, blocking):
+    """A frozen broker never closes TCP: after a silent timeout the next call probes it,
+    gives up on it within PROBE_GRACE, and queries the next broker in the list."""
+    exchange = unique('callmgr')
+    if blocking:  # the caller blocks its whole process: answer from another one
+        other = subprocess.Popen([sys.executable, '-m', 'tests.integration.responders',
+                                  exchange], stdout=subprocess.PIPE, text=True, cwd=ROOT)
+        request_cleanup = other
+        assert other.stdout.readline().strip() == 'ready'
+    else:
+        request_cleanup = None
+        responder(exchange)
+    url, proc = proxy()
+    kz = runtimes([url, RABBIT_URL], query_timeout=1.0, blocking=blocking)
+    assert kz.query(exchange, 'route.req', event('route', 'req', To='a'))['Answer'] == 'a'
+    proc.send_signal(signal.SIGUSR1)  # freeze
+    started = monotonic()
+    with pytest.raises(QueryTimeout):
+        kz.query(exchange, 'route.req', event('route', 'req', To='b'))
+    assert monotonic() - started < 1.5
+    started = monotonic()
+    reply = kz.query(exchange, 'route.req', event('route', 'req', To='c'))
+    took = monotonic() - started
+    print('\nfrozen broker: next call answered by the next broker in %.3fs' % took)
+    assert reply['Answer'] == 'c' and took < 1.0
+    assert kz.stats()['reconnects'] == 1
+    # A healthy broker answers the probe: a query that merely timed out changes nothing.
+    with pytest.raises(QueryTimeout):
+        kz.query('amq.topic', 'route.req', event('route', 'req', To='d'), timeout=0.3,
+                 mandatory=False)
+    assert kz.query(exchange, 'route.req', event('route', 'req', To='e'))['Answer'] == 'e'
+    assert kz.stats()['reconnects'] == 1
+    if request_cleanup is not None:
+        request_cleanup.kill()
+        request_cleanup.wait()

@@ -221,3 +221,14 @@ def test_ack_and_reject_frames():
     for data in conn.transport.written:
         counts[data[-2]] += 1
     assert counts == {0: 2, 1: 1}  # the last argument octet: multiple/requeue bits
+
+
+def test_probe_is_a_passive_declare_py_amqp_would_send():
+    conn = FakeConnection()
+    fast = make_fast(conn)
+    fast.probe(4)
+    reference = FakeConnection()
+    write = frame_writer(reference, reference.transport)
+    write(1, 4, (40, 10), amqp.serialization.dumps(
+        'BssbbbbbF', (0, 'amq.direct', 'direct', True, False, False, False, False, {})), None)
+    assert conn.transport.written == reference.transport.written
