@@ -4,6 +4,7 @@ import logging
 from collections import deque
 from time import monotonic
 
+import gevent
 from gevent.event import AsyncResult
 
 from . import _defaults as D
@@ -56,12 +57,31 @@ class Publisher(object):
         self._seq = 0
         if self.link.supports_amqp:
             self.channel.events['basic_return'].add(self._returned)
-            confirm = conn.channel()
-            confirm.confirm_select()
-            confirm.events['basic_ack'].add(self._acked)
-            confirm.events['basic_nack'].add(self._nacked)
-            confirm.events['basic_return'].add(self._returned)
-            self._confirm = confirm
+            self._confirm = self._open_confirm_channel(conn)
+
+    def _open_confirm_channel(self, conn):
+        confirm = conn.channel()
+        confirm.confirm_select()
+        confirm.events['basic_ack'].add(self._acked)
+        confirm.events['basic_nack'].add(self._nacked)
+        confirm.events['basic_return'].add(self._returned)
+        return confirm
+
+    def _renew_confirm_channel(self):
+        """A fresh confirm channel: RabbitMQ can keep nacking on a channel whose first
+        publish to a quorum queue came while the queue had no leader."""
+        old = self._confirm
+        new = self.link.rpc(self._open_confirm_channel, self.link._conn)
+        with self.link._wlock:
+            for result in self._confirms.values():
+                result.set_exception(ConnectionLost('confirm channel renewed'))
+            self._confirms = {}
+            self._seq = 0
+            self._confirm = new
+        try:
+            self.link.rpc(old.close)
+        except Exception:  # best effort: it is abandoned either way
+            pass
 
     def _down(self, link, exc):
         pending, self._confirms = self._confirms, {}
@@ -197,11 +217,13 @@ class Publisher(object):
                           mandatory=False, deadline=None):
         """Send and wait for the broker's confirm; re-send after a lost connection.
 
-        Raises PublishNacked, UnknownExchange, or NotConnected when the
-        deadline passes without a confirm (the message may then be on the
-        broker or not).
+        A nack (e.g. a quorum queue electing a new leader after a node died) is
+        retried with back-off too. Raises PublishNacked (still refused at the
+        deadline), UnknownExchange, or NotConnected when the deadline passes
+        without a confirm (the message may then be on the broker or not).
         """
         link = self.link
+        backoff = 0.05
         while True:
             link.ensure(deadline, wait=True)
             if self._confirm is None:  # transports without confirms (memory://)
@@ -210,6 +232,7 @@ class Publisher(object):
                 return True
             self.verify(exchange)
             result = AsyncResult()
+            channel = self._confirm
             try:
                 with link._wlock:
                     if not link.connected:
@@ -227,3 +250,10 @@ class Publisher(object):
                     raise
                 log.warning('re-sending unconfirmed message to %r/%r after a lost connection',
                             exchange, routing_key)
+            except PublishNacked:
+                if monotonic() + backoff >= deadline:
+                    raise
+                gevent.sleep(backoff)
+                backoff = min(backoff * 2, 1.0)
+                if link.connected and self._confirm is channel:  # once for many nacks
+                    self._renew_confirm_channel()
