@@ -11,7 +11,7 @@ from time import monotonic
 import gevent
 import pytest
 
-from kazoo_green import Kazoo, KazooError, NotConnected, QueryTimeout
+from kazoo_green import KazooError, NotConnected, QueryTimeout
 
 from ..cluster import cluster, running_cluster  # noqa: F401  (fixtures)
 from ..conftest import unique, wait_for
@@ -26,33 +26,15 @@ def event(n, **fields):
     return payload
 
 
-@pytest.fixture
-def made():
-    runtimes = []
-
-    def make(c, **kwargs):
-        kwargs.setdefault('node', unique('kgfo') + '@test')
-        kz = Kazoo(c.urls, **kwargs)
-        runtimes.append(kz)
-        return kz
-
-    yield make
-    for kz in runtimes:
-        try:
-            kz.stop(timeout=2)
-        except Exception:
-            pass
-
-
 def node_of(c, link):
     """Which cluster node (1-based) a connected link talks to."""
     port = int(link.host.rsplit(':', 1)[1])
     return c.ports.index(port) + 1
 
 
-def quorum_queue(c, made, exchange, queue):
+def quorum_queue(c, runtimes, exchange, queue):
     """Declare a durable topic exchange + quorum queue bound with '#' (then let go)."""
-    holder = made(c)
+    holder = runtimes(c.urls)
     holder.subscribe(exchange, '#', queue=queue, exchange_type='topic', durable=True,
                      auto_delete=False, exchange_durable=True,
                      queue_arguments={'x-queue-type': 'quorum'})
@@ -61,11 +43,11 @@ def quorum_queue(c, made, exchange, queue):
     holder.stop()
 
 
-def consume_all(c, made, exchange, queue, expect, ack='late', timeout=120, kill_after=None):
+def consume_all(c, runtimes, exchange, queue, expect, ack='late', timeout=120, kill_after=None):
     """Consume ``queue`` until every n in range(expect) was seen; optionally kill the
     consumer's node once ``kill_after`` messages were handled. Returns (seen, redelivered,
     killed node or None)."""
-    kz = made(c, workers=8, prefetch=200, heartbeat=2)
+    kz = runtimes(c.urls, workers=8, prefetch=200, heartbeat=2)
     seen, redelivered = [], [0]
 
     @kz.event_route('kazoo:consumer-event-fo-x')
@@ -105,11 +87,11 @@ def publish_all(kz, exchange, total, greenlets=50):
     return confirmed, errors, [gevent.spawn(producer, k) for k in range(greenlets)]
 
 
-def test_1_confirmed_publishes_survive_a_kill_of_the_connected_node(running_cluster, made):
+def test_1_confirmed_publishes_survive_a_kill_of_the_connected_node(running_cluster, runtimes):
     c = running_cluster
     exchange, queue = unique('fo-ex'), unique('fo-q')
-    quorum_queue(c, made, exchange, queue)
-    kz = made(c, confirm_timeout=60, heartbeat=2)
+    quorum_queue(c, runtimes, exchange, queue)
+    kz = runtimes(c.urls, confirm_timeout=60, heartbeat=2)
     kz.start()
     assert kz.wait_connected(20)
     victim = node_of(c, kz._pub_link)
@@ -121,7 +103,7 @@ def test_1_confirmed_publishes_survive_a_kill_of_the_connected_node(running_clus
     gevent.joinall(jobs, timeout=300)
     took = monotonic() - started
     stats = kz.stats()
-    seen, _, _ = consume_all(c, made, exchange, queue, TOTAL)
+    seen, _, _ = consume_all(c, runtimes, exchange, queue, TOTAL)
     duplicates = len(seen) - len(set(seen))
     print('\n[1] %d confirmed publishes, node %d killed after %d; %d unconfirmed errors; '
           'the rest took %.1fs; queue held %d messages = %d distinct + %d duplicates '
@@ -135,16 +117,16 @@ def test_1_confirmed_publishes_survive_a_kill_of_the_connected_node(running_clus
 
 
 @pytest.mark.parametrize('ack', ['late', 'early'])
-def test_2_3_consumer_backlog_survives_a_kill_of_its_node(running_cluster, made, ack):
+def test_2_3_consumer_backlog_survives_a_kill_of_its_node(running_cluster, runtimes, ack):
     c = running_cluster
     exchange, queue = unique('fo-ex'), unique('fo-q')
-    quorum_queue(c, made, exchange, queue)
-    publisher = made(c)
+    quorum_queue(c, runtimes, exchange, queue)
+    publisher = runtimes(c.urls)
     publisher.start()
     confirmed, errors, jobs = publish_all(publisher, exchange, TOTAL)
     gevent.joinall(jobs, timeout=300)
     assert not errors and len(confirmed) == TOTAL
-    seen, redelivered, victim = consume_all(c, made, exchange, queue, TOTAL, ack=ack,
+    seen, redelivered, victim = consume_all(c, runtimes, exchange, queue, TOTAL, ack=ack,
                                             kill_after=TOTAL // 4, timeout=90)
     distinct = set(seen)
     lost = TOTAL - len(distinct)
@@ -162,20 +144,20 @@ def test_2_3_consumer_backlog_survives_a_kill_of_its_node(running_cluster, made,
         assert lost <= 200, lost  # at most one prefetch window
 
 
-def test_5_all_nodes_down_then_back(running_cluster, made):
+def test_5_all_nodes_down_then_back(running_cluster, runtimes):
     c = running_cluster
     exchange, queue = unique('fo-ex'), unique('fo-q')
-    quorum_queue(c, made, exchange, queue)
-    consumer = made(c, workers=1, heartbeat=2)
+    quorum_queue(c, runtimes, exchange, queue)
+    consumer = runtimes(c.urls, workers=1, heartbeat=2)
     seen = []
     consumer.add_route('kazoo:consumer-event-fo-x', lambda p, m: seen.append(p['n']))
     consumer.subscribe(exchange, '#', queue=queue, exchange_type='topic', durable=True,
                        auto_delete=False, exchange_durable=True,
                        queue_arguments={'x-queue-type': 'quorum'})
     consumer.start()
-    publisher = made(c, heartbeat=2)
+    publisher = runtimes(c.urls, heartbeat=2)
     publisher.start()
-    worker = made(c, query_timeout=2.0, blocking=False)  # caller-driven, like a SIP worker
+    worker = runtimes(c.urls, query_timeout=2.0, blocking=False)  # caller-driven, like a SIP worker
     assert consumer.wait_connected(20) and publisher.wait_connected(20)
     publisher.publish(exchange, 'fo.x', event(0), confirm=True)
     assert wait_for(lambda: seen == [0])
@@ -201,14 +183,14 @@ def test_5_all_nodes_down_then_back(running_cluster, made):
     assert seen == list(range(101))
 
 
-def test_6a_background_connection_notices_a_frozen_node(running_cluster, made):
+def test_6a_background_connection_notices_a_frozen_node(running_cluster, runtimes):
     """Heartbeats (2 s here) notice a node frozen with SIGSTOP within ~2 intervals.
 
     Moving on is stalled by RabbitMQ itself while the node stays frozen: queue
     declarations wait cluster-wide until net_ticktime declares it down (see 6b), so this
     test thaws the node once the loss was noticed and checks the link comes back."""
     c = running_cluster
-    background = made(c, heartbeat=2)
+    background = runtimes(c.urls, heartbeat=2)
     background.start()
     assert background.wait_connected(20) and node_of(c, background._pub_link) == 1
     c.freeze(1)
@@ -231,12 +213,12 @@ def test_6a_background_connection_notices_a_frozen_node(running_cluster, made):
     'cluster-wide until net_ticktime (60 s) declares it down, so the reconnect cannot '
     'declare the reply queue within the query timeout'))
 def test_6b_caller_driven_worker_leaves_a_frozen_node_on_its_next_call(running_cluster,
-                                                                      made):
+                                                                      runtimes):
     c = running_cluster
     exchange = unique('fo-callmgr')
     responder = PlainResponder(exchange, 'route.req', 'generic', url=c.url(3))
     try:
-        worker = made(c, query_timeout=1.0)  # caller-driven
+        worker = runtimes(c.urls, query_timeout=1.0)  # caller-driven
         assert worker.query(exchange, 'route.req', {'To': 'a'})['Answer'] == 'a'
         assert node_of(c, worker._pub_link) == 1
         c.freeze(1)
