@@ -45,19 +45,22 @@ class Responder(object):
 
     QUEUE = 'responder-route-req'
 
-    def __init__(self, log_path):
+    def __init__(self, log_path, env=None, queues=rabbit_queues):
         self.log_path = log_path
+        self.env = env or {}
+        self.queues = queues  # how to list the broker's queues (another broker: another fn)
         self.proc = None
 
     def start(self):
-        others = rabbit_queues().get(self.QUEUE, (0, 0))[0]
+        others = self.queues().get(self.QUEUE, (0, 0))[0]
         if others:
             raise RuntimeError('%d other consumer(s) already on %s: another responder runs '
                                'and would answer in this one\'s place' % (others, self.QUEUE))
         self._log = open(self.log_path, 'a')
         self.proc = subprocess.Popen([PYTHON, os.path.join(ROOT, 'examples', 'responder.py')],
-                                     cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT)
-        if not wait_until(lambda: rabbit_queues().get(self.QUEUE, (0, 0))[0] >= 1, 30):
+                                     cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT,
+                                     env=dict(os.environ, **self.env))
+        if not wait_until(lambda: self.queues().get(self.QUEUE, (0, 0))[0] >= 1, 30):
             raise RuntimeError('responder did not start consuming; see %s' % self.log_path)
 
     def kill(self):
@@ -79,10 +82,11 @@ class Responder(object):
 class Kamailio(object):
     """kamailio -f examples/kamailio/kamailio.cfg -DD -E, as the README says to run it."""
 
-    def __init__(self, log_path, node='kamailio@kgtest-e2e', env=None):
+    def __init__(self, log_path, node='kamailio@kgtest-e2e', env=None, queues=rabbit_queues):
         self.log_path = log_path
         self.node = node
         self.env = env or {}
+        self.queues = queues
         self.proc = None
         self.pids = set()
 
@@ -96,7 +100,7 @@ class Kamailio(object):
         async_queue = '%s-async' % self.node
         ready = wait_until(lambda: self.proc.poll() is not None or (
             'consume link: connected' in self.log()
-            and rabbit_queues().get(async_queue, (0, 0))[0] >= 1), timeout)
+            and self.queues().get(async_queue, (0, 0))[0] >= 1), timeout)
         if not ready or self.proc.poll() is not None:
             raise RuntimeError('Kamailio did not start; see %s' % self.log_path)
         time.sleep(0.5)
