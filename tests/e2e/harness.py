@@ -281,7 +281,7 @@ class SippResult(object):
 _port = [5070]
 
 
-def run_sipp(scenario_xml, user, calls, rate, max_seconds=120, limit=None):
+def run_sipp(scenario_xml, user, calls, rate, max_seconds=120, limit=None, extra=()):
     """Run one sipp client to completion and parse its results."""
     _port[0] = 5071 + (_port[0] - 5070) % 200
     port = _port[0]
@@ -292,10 +292,39 @@ def run_sipp(scenario_xml, user, calls, rate, max_seconds=120, limit=None):
     cmd = ['sipp', '127.0.0.1:%d' % SIP_PORT, '-sf', path, '-s', user, '-i', '127.0.0.1',
            '-p', str(port), '-m', str(calls), '-r', str(rate), '-l', str(limit or rate * 5),
            '-timeout', '%ds' % max_seconds, '-timeout_error', '-recv_timeout', '10000',
-           '-nostdin', '-trace_screen', '-trace_err', '-trace_rtt', '-rtt_freq', '1']
+           '-nostdin', '-trace_screen', '-trace_err', '-trace_rtt', '-rtt_freq', '1'] + list(extra)
     proc = subprocess.run(cmd, cwd=workdir, capture_output=True, text=True,
                           timeout=max_seconds + 30)
-    return _parse(workdir, proc)
+    result = _parse(workdir, proc)
+    result.workdir = workdir
+    return result
+
+
+_STAMP = re.compile(r'(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d+)\s*$')
+
+
+def received_at(workdir, status):
+    """Wall-clock times (epoch seconds) at which responses with ``status`` arrived, from
+    the message trace of a run made with ``extra=('-trace_msg',)``."""
+    import datetime
+    times = []
+    for name in os.listdir(workdir):
+        if not name.endswith('_messages.log'):
+            continue
+        stamp = None
+        with open(os.path.join(workdir, name), errors='replace') as f:
+            for line in f:
+                found = _STAMP.search(line) if line.startswith('-----') else None
+                if found:
+                    stamp = found.group(1)
+                elif stamp and line.startswith('SIP/2.0 %s ' % status):
+                    times.append(datetime.datetime.strptime(
+                        stamp, '%Y-%m-%d %H:%M:%S.%f').timestamp())
+                    stamp = None
+                elif line.strip():
+                    if not line.startswith('UDP message'):
+                        stamp = None
+    return sorted(times)
 
 
 def _parse(workdir, proc):
@@ -324,13 +353,13 @@ def _parse(workdir, proc):
                       proc.stdout[-3000:] + proc.stderr[-3000:] + screen[-4000:])
 
 
-def spawn_sipp(scenario_xml, user, calls, rate, max_seconds=120, limit=None):
+def spawn_sipp(scenario_xml, user, calls, rate, max_seconds=120, limit=None, extra=()):
     """Like run_sipp, in a greenlet-free way: returns a function that waits and parses."""
     import threading
     box = {}
 
     def target():
-        box['result'] = run_sipp(scenario_xml, user, calls, rate, max_seconds, limit)
+        box['result'] = run_sipp(scenario_xml, user, calls, rate, max_seconds, limit, extra)
 
     thread = threading.Thread(target=target)
     thread.start()

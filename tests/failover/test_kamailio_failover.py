@@ -39,13 +39,20 @@ def test_4_kamailio_under_load_loses_only_calls_in_flight(running_cluster, tmp_p
         # Everything starts on node 1, the first URL: that is the node that dies.
         seconds, rate = 10, 300
         wait = harness.spawn_sipp(harness.invite_scenario('fobob', 302, 503), 'fobob',
-                                  calls=seconds * rate, rate=rate)
+                                  calls=seconds * rate, rate=rate, extra=('-trace_msg',))
         time.sleep(3)
+        killed_at = time.time()
         c.kill(1)
         result = wait()
         failed = result.counts.get('503', 0)
-        print('\n[4] Kamailio at %d cps, node 1 killed after 3 s: %r; %d calls answered 503'
-              % (rate, result, failed))
+        ok_after = [t for t in harness.received_at(result.workdir, 302) if t > killed_at]
+        first_ok = ok_after[0] - killed_at if ok_after else None
+        last_503 = harness.received_at(result.workdir, 503)
+        print('\n[4] Kamailio at %d cps, node 1 killed after 3 s: %r; %d calls answered 503 '
+              '(the last %.3fs after the kill); first 302 after the kill in %.3fs'
+              % (rate, result, failed, (last_503[-1] - killed_at) if last_503 else 0,
+                 first_ok if first_ok is not None else float('nan')))
+        assert first_ok is not None and first_ok < 1.0
         assert result.returncode == 0 and result.failed == 0, result
         assert result.counts.get('302', 0) + failed == seconds * rate
         # Only calls in flight at the kill (plus the responder's own failover) may fail.
