@@ -32,7 +32,7 @@ def _use_project_packages():
 
 _use_project_packages()
 
-import kazoo_green  # noqa: E402  (before kombu: applies gevent's patching)
+import kazoo_green  # noqa: E402,F401  (before kombu: applies gevent's patching)
 import kazoo_green.kemi as kemi  # noqa: E402
 from kazoo_green import KazooError, encode  # noqa: E402
 

@@ -11,7 +11,7 @@ import gevent
 import pytest
 
 from kazoo_green import (
-    ConnectionLost, KazooError, PublishNacked, QueryTimeout, UnknownExchange, Unroutable,
+    ConnectionLost, KazooError, QueryTimeout, UnknownExchange, Unroutable,
 )
 
 from ..conftest import (
