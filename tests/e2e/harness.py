@@ -131,29 +131,33 @@ class Kamailio(object):
             return 'crash in the log: %s' % crash.group(0)
         return None
 
-    def cpu_ticks(self):
-        """utime+stime (clock ticks) summed over all Kamailio processes."""
+    def _sum_over_processes(self, read):
+        """Sum ``read(pid)`` over every Kamailio process (ones gone meanwhile count 0)."""
         total = 0
         for pid in self.process_ids():
             try:
-                with open('/proc/%d/stat' % pid) as f:
-                    fields = f.read().rsplit(')', 1)[1].split()
-                total += int(fields[11]) + int(fields[12])
+                total += read(pid)
             except (OSError, IndexError, ValueError):
                 pass
         return total
 
+    def cpu_ticks(self):
+        """utime+stime (clock ticks) summed over all Kamailio processes."""
+        def ticks(pid):
+            with open('/proc/%d/stat' % pid) as f:
+                fields = f.read().rsplit(')', 1)[1].split()
+            return int(fields[11]) + int(fields[12])
+        return self._sum_over_processes(ticks)
+
     def rss_kb(self):
-        total = 0
-        for pid in self.process_ids():
-            try:
-                with open('/proc/%d/status' % pid) as f:
-                    for line in f:
-                        if line.startswith('VmRSS:'):
-                            total += int(line.split()[1])
-            except OSError:
-                pass
-        return total
+        """Resident memory (kB) summed over all Kamailio processes."""
+        def rss(pid):
+            with open('/proc/%d/status' % pid) as f:
+                for line in f:
+                    if line.startswith('VmRSS:'):
+                        return int(line.split()[1])
+            return 0
+        return self._sum_over_processes(rss)
 
     def kamcmd(self, *args):
         return subprocess.run(['kamcmd', '-s', CTL] + list(args), capture_output=True,
