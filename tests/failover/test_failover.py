@@ -230,3 +230,170 @@ def test_6b_caller_driven_worker_leaves_a_frozen_node_on_its_next_call(running_c
     finally:
         c.thaw(1)
         responder.close()
+
+
+def where(c, link):
+    """Node (1-based) a link is connected to right now, None while it is down."""
+    return node_of(c, link) if link.connected and link.host else None
+
+
+def test_7_killed_node_restarted_serves_the_same_runtime(running_cluster, runtimes):
+    """Issue #4: a killed node that is restarted rejoins, and the runtime that lived through
+    the kill uses it again without being recreated.
+
+    One runtime publishes (confirmed), queries its own responder and consumes a quorum queue
+    (late ack) the whole time. Its node A is killed (traffic moves on), A is restarted and
+    rejoins, then the node B the runtime moved to is killed and the last node C stops
+    accepting connections (``suspend_listeners``: C stays a quorum member, so A + C keep the
+    majority the quorum queue needs). The restarted node A is then the only way in."""
+    c = running_cluster
+    exchange, queue, callmgr = unique('fo-ex'), unique('fo-q'), unique('fo-callmgr')
+    kz = runtimes(c.urls, heartbeat=2, confirm_timeout=20, query_timeout=1.0)
+    links = (kz._pub_link, kz._sub_link)
+    consumed = []               # (n, handled at)
+    published = {}              # n -> (publish started, confirmed at)
+    answered = []               # (query sent, answered at)
+    errors = {'publish': [], 'query': []}
+    running = [True]
+
+    @kz.event_route('kazoo:consumer-event-fo-x')
+    def handle(payload, meta):
+        consumed.append((payload['n'], monotonic()))
+
+    @kz.event_route('kazoo:consumer-event-fo-req')
+    def respond(request, meta):
+        kz.respond(request, {'Event-Category': 'fo', 'Event-Name': 'resp', 'k': request['k']},
+                   meta)
+
+    kz.subscribe(exchange, '#', queue=queue, exchange_type='topic', durable=True,
+                 auto_delete=False, exchange_durable=True, ack='late',
+                 queue_arguments={'x-queue-type': 'quorum'})
+    kz.subscribe(callmgr, 'fo.req', exchange_type='topic')  # auto-delete, declared per connect
+    kz.start()
+    assert kz.wait_connected(20)
+
+    def publisher():
+        n = 0
+        while running[0]:
+            started = monotonic()
+            try:
+                kz.publish(exchange, 'fo.x', event(n), confirm=True, persistent=True)
+                published[n] = (started, monotonic())
+            except KazooError as exc:
+                errors['publish'].append(type(exc).__name__)
+                gevent.sleep(0.05)
+            n += 1
+            gevent.sleep(0.01)
+
+    def requester():
+        k = 0
+        while running[0]:
+            sent = monotonic()
+            try:
+                reply = kz.query(callmgr, 'fo.req', {'Event-Category': 'fo',
+                                                     'Event-Name': 'req', 'k': k})
+                if reply.get('k') == k:
+                    answered.append((sent, monotonic()))
+                else:
+                    errors['query'].append('wrong reply %r' % reply)
+            except KazooError as exc:
+                errors['query'].append(type(exc).__name__)
+                gevent.sleep(0.05)
+            k += 1
+            gevent.sleep(0.01)
+
+    def firsts(since):
+        """Earliest confirm, answer and consumption of traffic *started* after ``since``."""
+        pub = min((done for start, done in published.values() if start >= since), default=None)
+        qry = min((done for sent, done in answered if sent >= since), default=None)
+        con = min((at for n, at in consumed if n in published and published[n][0] >= since),
+                  default=None)
+        return pub, qry, con
+
+    def counts(since, until=float('inf')):
+        return (sum(1 for start, _ in published.values() if since <= start < until),
+                sum(1 for sent, _ in answered if since <= sent < until),
+                sum(1 for n, _ in consumed if n in published and
+                    since <= published[n][0] < until))
+
+    jobs = [gevent.spawn(publisher), gevent.spawn(requester)]
+    blocked = None
+    try:
+        t0 = monotonic()
+        assert wait_for(lambda: all(firsts(t0)), timeout=20), 'no traffic at the start'
+        victim = where(c, kz._pub_link)
+        assert victim is not None and where(c, kz._sub_link) == victim
+
+        # 1. kill -9 the node the runtime uses: traffic goes on through the others
+        c.kill(victim)
+        killed_at = monotonic()
+        assert wait_for(lambda: all(firsts(killed_at)), timeout=30), \
+            'traffic did not resume after the kill: %r' % (firsts(killed_at),)
+        moved_to = [where(c, link) for link in links]
+        assert None not in moved_to and victim not in moved_to, moved_to
+
+        gevent.sleep(1)  # steady traffic through the other nodes, to count
+
+        # 2. restart it; it must be a running member of the cluster again
+        restart_at = monotonic()
+        c.restart(victim)
+        restarted_in = monotonic() - restart_at
+        assert c.node(victim) in c.running_nodes()
+        assert c.node(victim) in c.running_nodes(via=victim)
+
+        # 3. leave the runtime only the restarted node: kill the node it moved to, make the
+        #    third one refuse connections (it stays in the cluster: A + C are a majority)
+        second = moved_to[0]
+        blocked = next(i for i in c.indices if i not in (victim, second))
+        c.ctl(blocked, 'suspend_listeners')
+        c.ctl(blocked, 'close_all_connections', '--global', 'kazoo_green failover test')
+        c.kill(second)
+        second_killed_at = monotonic()
+        assert wait_for(lambda: all(firsts(second_killed_at)), timeout=30), \
+            'nothing worked through the restarted node %d: %r (links on %r)' % (
+                victim, firsts(second_killed_at), [where(c, link) for link in links])
+        first_pub, first_query, first_consume = firsts(second_killed_at)
+        gevent.sleep(2)  # some steady traffic through it, to count
+        on_restarted = [where(c, link) for link in links]
+        connections_there = c.connection_count(victim)
+        running[0] = False
+        gevent.joinall(jobs, timeout=30)
+        ended_at = monotonic()
+
+        # every confirmed publish is consumed (late ack, quorum queue): none lost anywhere
+        confirmed = set(published)
+        assert wait_for(lambda: confirmed.issubset(n for n, _ in consumed), timeout=30), \
+            'lost: %d confirmed, never consumed' % len(confirmed - {n for n, _ in consumed})
+        stats = kz.stats()
+        seen = [n for n, _ in consumed]
+        before = counts(t0, killed_at)
+        elsewhere = counts(killed_at, second_killed_at)  # the restart included
+        via_restarted = counts(second_killed_at, ended_at)
+        print('\n[7] node %d killed: traffic resumed on node %s; restart(%d) (boot + rejoin) '
+              'took %.1fs; then node %d killed and node %d listeners suspended; first '
+              'confirmed publish / query answer / consumption %.2f / %.2f / %.2fs after that '
+              'kill, %.1f / %.1f / %.1fs after the restart began; links then on nodes %s '
+              '(%d client connections on node %d)'
+              % (victim, sorted(set(moved_to)), victim, restarted_in, second, blocked,
+                 first_pub - second_killed_at, first_query - second_killed_at,
+                 first_consume - second_killed_at, first_pub - restart_at,
+                 first_query - restart_at, first_consume - restart_at, on_restarted,
+                 connections_there, victim))
+        print('[7] (confirmed publishes, answered queries, consumed of those): before the kill '
+              '%s, on the other nodes %s, through the restarted node only %s; total %d '
+              'confirmed, %d consumed (%d distinct, %d duplicates), 0 confirmed lost; errors '
+              'while failing over: %d publish, %d query; reconnects %d'
+              % (before, elsewhere, via_restarted, len(confirmed), len(seen), len(set(seen)),
+                 len(seen) - len(set(seen)), len(errors['publish']), len(errors['query']),
+                 stats['reconnects']))
+        assert on_restarted == [victim, victim], on_restarted
+        assert connections_there >= 2  # publish and consume connections of the same runtime
+        assert all(count > 0 for count in via_restarted), via_restarted
+        assert stats['reconnects'] >= 4  # each of the two links failed over twice
+        assert not [e for e in errors['query'] if e.startswith('wrong reply')]
+    finally:
+        running[0] = False
+        gevent.joinall(jobs, timeout=30)
+        if blocked is not None:
+            c.ctl(blocked, 'resume_listeners', check=False)
+        # killed nodes are booted again by the next test's running_cluster fixture
