@@ -6,7 +6,7 @@ VENV ?= .venv
 PY = $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: venv demo test unit integration e2e bench clean
+.PHONY: venv demo test unit integration e2e bench compare clean
 
 $(VENV)/.installed: requirements.txt requirements-test.txt setup.py
 	bash tests/tools/venv.sh $(BASE_PYTHON) $(VENV)
@@ -36,6 +36,13 @@ e2e: venv
 bench: venv
 	bash tests/tools/services.sh
 	$(PY) bench/core_bench.py
+
+# kazoo_green against the C kazoo/rabbitmq modules in Kamailio (COMPARE_ARGS=--quick).
+COMPARE_ARGS ?=
+compare: venv
+	bash tests/tools/services.sh --bench
+	$(VENV)/bin/pip install -q -r bench/requirements.txt
+	$(PY) bench/compare.py $(COMPARE_ARGS)
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache

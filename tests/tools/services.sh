@@ -2,7 +2,12 @@
 # Install and start what the test suite needs and the machine does not provide:
 # Kamailio with app_python3, sipp (Debian packages), RabbitMQ on 127.0.0.1:5672
 # (started here only if it is not running).
+#   --bench  also the C modules bench/compare.py measures against
+#            (kamailio-kazoo-modules, kamailio-rabbitmq-modules)
 set -euo pipefail
+
+bench=
+[ "${1:-}" = --bench ] && bench=1
 
 apt_updated=
 apt_install() {
@@ -19,6 +24,16 @@ command -v sipp >/dev/null 2>&1 || need+=(sip-tester)
 if [ ${#need[@]} -gt 0 ]; then
     echo "services.sh: installing ${need[*]}" >&2
     apt_install kamailio kamailio-python3-modules sip-tester
+fi
+if [ -n "$bench" ]; then
+    mods=$(dirname "$(ls /usr/lib/*/kamailio/modules/tm.so | head -1)")
+    bench_need=()
+    [ -f "$mods/kazoo.so" ] || bench_need+=(kamailio-kazoo-modules)
+    [ -f "$mods/rabbitmq.so" ] || bench_need+=(kamailio-rabbitmq-modules)
+    if [ ${#bench_need[@]} -gt 0 ]; then
+        echo "services.sh: installing ${bench_need[*]}" >&2
+        apt_install "${bench_need[@]}"
+    fi
 fi
 
 rabbit_up() { rabbitmqctl -q status >/dev/null 2>&1; }

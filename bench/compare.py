@@ -1,0 +1,506 @@
+"""kazoo_green against Kamailio's C modules: same responder, same SIP load, one run.
+
+Five systems, each a Kamailio started from its own config, answer the same INVITE
+(R-URI user -> query ``callmgr``/``route.req`` -> 302 to ``sip:<user>@127.0.0.1:5090``),
+one at a time, restarted for every measurement (only one can hold 127.0.0.1:5060):
+
+    kg-sync     examples/kamailio/kamailio.cfg, query in the SIP worker
+    kg-async    the same config, R-URI users starting with "async": suspend/resume
+    c-kazoo     bench/systems/c_kazoo.cfg, the C kazoo module's kazoo_async_query
+    c-rabbitmq  bench/systems/c_rabbitmq.cfg, the C rabbitmq module's
+                rabbitmq_publish_consume with direct reply-to
+    floor       bench/systems/floor.cfg, app_python3 answering without any AMQP
+
+All use one examples/responder.py (started here) and the local RabbitMQ. Per system:
+answered/failed calls at fixed offered rates (systems alternate within each rate, so
+ratios hold on a noisy machine), the highest offered rate without a failure (steps up
+x1.25 until failures, then bisects), p50/p99 response time and Kamailio CPU µs per call
+(utime+stime of every Kamailio process / answered calls) at the reference rate, peak RSS
+(sum over Kamailio's processes), whether Kamailio kept all its processes, and for
+kg-sync (``--survival all``: every system) whether it survives 3x its own clean rate for
+30 s and then answers a 200 cps run completely ("recovered"). Every measurement starts
+from a fresh Kamailio warmed up with 200 calls at 100 cps. Before the systems, a probe
+runs the C module's sync ``kazoo_query`` (bench/systems/c_kazoo_sync.cfg) and reports what
+happens to it (Debian's 5.6.3 crashes).
+
+Prints a Markdown table plus ratios against c-kazoo, and writes it to
+bench/results/compare-<timestamp>.md with a plot (.png; needs matplotlib from
+bench/requirements.txt). Needs RabbitMQ, Kamailio, sipp and the C modules:
+``bash tests/tools/services.sh --bench``.
+
+    .venv/bin/python bench/compare.py [--quick] [--systems kg-sync,c-kazoo,...]
+        [--rates 500,1000,2000] [--seconds 10] [--ref-rate 1000] [--search-seconds 5]
+        [--search-start 500] [--search-max 8000] [--bisect 2] [--survival kg-sync|all|none]
+        [--survival-seconds 30]
+"""
+
+import argparse
+import collections
+import datetime
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import kazoo_green  # noqa: E402,F401  (gevent patching for the harness' subprocesses)
+from tests.e2e import harness  # noqa: E402
+
+BENCH = os.path.dirname(os.path.abspath(__file__))
+SYSTEMS_DIR = os.path.join(BENCH, 'systems')
+RESULTS_DIR = os.path.join(BENCH, 'results')
+MODULES_DIR = '/usr/lib/x86_64-linux-gnu/kamailio/modules'
+TICK = os.sysconf('SC_CLK_TCK')
+NODE = 'kamailio@kg-compare'          # kg-* node name (its async queue: NODE-async)
+KAZOO_NODE = 'kg-compare'             # c-kazoo's node_hostname (see c_kazoo.cfg)
+CTL = 'unix:/tmp/kazoo_green_compare_ctl'
+
+
+def _kg_ready(kamailio):
+    """The example's own readiness: consumer link up and its async queue consumed."""
+    return ('consume link: connected' in kamailio.log()
+            and harness.rabbit_queues().get('%s-async' % NODE, (0, 0))[0] >= 1)
+
+
+def _c_kazoo_ready(kamailio):
+    """The C kazoo module has bound its reply ("targeted") queues."""
+    return any(name.startswith('kamailio@%s-' % KAZOO_NODE) for name in harness.rabbit_queues())
+
+
+System = collections.namedtuple('System', 'name cfg user ready module')
+
+SYSTEMS = collections.OrderedDict((s.name, s) for s in (
+    System('kg-sync', harness.KAMAILIO_CFG, 'benchuser', _kg_ready, None),
+    System('kg-async', harness.KAMAILIO_CFG, 'asyncbenchuser', _kg_ready, None),
+    System('c-kazoo', os.path.join(SYSTEMS_DIR, 'c_kazoo.cfg'), 'benchuser',
+           _c_kazoo_ready, 'kazoo'),
+    System('c-rabbitmq', os.path.join(SYSTEMS_DIR, 'c_rabbitmq.cfg'), 'benchuser',
+           None, 'rabbitmq'),
+    System('floor', os.path.join(SYSTEMS_DIR, 'floor.cfg'), 'benchuser', None, None),
+))
+SYNC_PROBE = System('c-kazoo-sync', os.path.join(SYSTEMS_DIR, 'c_kazoo_sync.cfg'),
+                    'benchuser', _c_kazoo_ready, 'kazoo')
+
+
+def sip_answers(timeout=0.3):
+    """True if something on 127.0.0.1:5060 answers an OPTIONS (any status)."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        sock.bind(('127.0.0.1', 0))
+        sock.settimeout(timeout)
+        port, tag = sock.getsockname()[1], uuid.uuid4().hex[:12]
+        sock.sendto(('OPTIONS sip:ping@127.0.0.1:%d SIP/2.0\r\n'
+                     'Via: SIP/2.0/UDP 127.0.0.1:%d;branch=z9hG4bK%s\r\n'
+                     'From: <sip:compare@127.0.0.1>;tag=%s\r\nTo: <sip:ping@127.0.0.1>\r\n'
+                     'Call-ID: %s\r\nCSeq: 1 OPTIONS\r\nMax-Forwards: 70\r\n'
+                     'Content-Length: 0\r\n\r\n' % (harness.SIP_PORT, port, tag, tag, tag)
+                     ).encode(), ('127.0.0.1', harness.SIP_PORT))
+        return sock.recv(4096).startswith(b'SIP/2.0 ')
+    except OSError:
+        return False
+    finally:
+        sock.close()
+
+
+class BenchKamailio(harness.Kamailio):
+    """harness.Kamailio for any config: ready once 5060 answers and ``ready(self)`` holds."""
+
+    def __init__(self, log_path, system):
+        super(BenchKamailio, self).__init__(log_path, node=NODE)
+        self.system = system
+
+    def start(self, timeout=30):
+        if sip_answers():
+            raise RuntimeError('something already answers on 127.0.0.1:%d' % harness.SIP_PORT)
+        env = dict(os.environ, PWD=harness.ROOT, KAZOO_GREEN_CTL=CTL, KAZOO_GREEN_NODE=NODE,
+                   KG_BENCH_SYSTEMS=SYSTEMS_DIR)
+        self._log = open(self.log_path, 'a')
+        self.proc = subprocess.Popen(['kamailio', '-f', self.system.cfg, '-DD', '-E', '-m', '256'],
+                                     cwd=harness.ROOT, env=env, stdout=self._log,
+                                     stderr=subprocess.STDOUT)
+        ready = harness.wait_until(lambda: self.proc.poll() is not None or (
+            sip_answers() and (self.system.ready is None or self.system.ready(self))), timeout)
+        if not ready or self.proc.poll() is not None:
+            self.stop()
+            raise RuntimeError('%s did not start; see %s' % (self.system.name, self.log_path))
+        time.sleep(0.5)
+        self.pids = self.process_ids()
+
+    def stop(self):
+        """Stop, then SIGKILL any of its processes that outlived the main one (seen with
+        c-rabbitmq workers after an overload)."""
+        super(BenchKamailio, self).stop()
+        for pid in self.pids:
+            try:
+                with open('/proc/%d/cmdline' % pid, 'rb') as f:
+                    if self.system.cfg.encode() in f.read():   # still ours, not a reused pid
+                        os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+        harness.wait_until(lambda: not sip_answers(0.1), 10)
+
+
+class RssSampler(object):
+    """Peak of the summed RSS of Kamailio's processes, sampled every 0.5 s."""
+
+    def __init__(self, kamailio):
+        self.kamailio, self.peak_kb = kamailio, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.peak_kb = max(self.peak_kb, self.kamailio.rss_kb())
+            self._stop.wait(0.5)
+
+    def stop(self):
+        self._stop.set()
+        self._thread.join()
+        return self.peak_kb / 1024.0
+
+
+def sipp(user, rate, seconds):
+    calls = int(rate * seconds)
+    return calls, harness.run_sipp(harness.invite_scenario(user, 302), user, calls=calls,
+                                   rate=rate, max_seconds=int(seconds * 3 + 30))
+
+
+def measure(kamailio, user, rate, seconds):
+    """One sipp run against a running Kamailio: what the tables need."""
+    before = kamailio.cpu_ticks()
+    calls, result = sipp(user, rate, seconds)
+    cpu_s = (kamailio.cpu_ticks() - before) / float(TICK)
+    answered = result.counts.get('302', 0)
+    return {'offered': rate, 'calls': calls, 'answered': answered, 'failed': calls - answered,
+            'p50': result.percentile(50), 'p99': result.percentile(99),
+            'cpu_us': cpu_s * 1e6 / answered if answered else None}
+
+
+class Bench(object):
+
+    def __init__(self, args, logdir):
+        self.args, self.logdir = args, logdir
+        self.runs = collections.defaultdict(list)   # system -> every measurement
+        self.trouble = collections.defaultdict(list)  # system -> health problems seen
+        self.capped = set()                           # systems clean up to --search-max
+        self._count = 0
+
+    def session(self, system, work):
+        """Fresh Kamailio for ``system``, warmed up; ``work(kamailio)``; health; stop.
+        Returns what ``work`` returned, the peak RSS (MB) and the health problem or None."""
+        self._count += 1
+        log = os.path.join(self.logdir, '%03d-%s.log' % (self._count, system.name))
+        kamailio = BenchKamailio(log, system)
+        kamailio.start()
+        sampler = RssSampler(kamailio)
+        try:
+            harness.run_sipp(harness.invite_scenario(system.user, 302), system.user,
+                             calls=200, rate=100)
+            out = work(kamailio)
+            health = kamailio.health()
+        finally:
+            peak = sampler.stop()
+            kamailio.stop()
+        return out, peak, health and '%s (log %s)' % (health, log)
+
+    def point(self, system, rate, seconds, phase):
+        row, peak, health = self.session(
+            system, lambda k: measure(k, system.user, rate, seconds))
+        row.update(system=system.name, phase=phase, rss_mb=peak, healthy=health is None)
+        if health:
+            self.trouble[system.name].append(health)
+        self.runs[system.name].append(row)
+        print('%-10s %-8s %5d cps x %2ds: %5d/%5d answered, p50 %s p99 %s ms, %s us CPU/call, '
+              'RSS %.0f MB%s' % (system.name, phase, rate, seconds, row['answered'], row['calls'],
+                                 row['p50'], row['p99'], _fmt(row['cpu_us']), peak,
+                                 '' if health is None else ', UNHEALTHY: ' + health))
+        sys.stdout.flush()
+        return row
+
+    def clean_rates(self, systems):
+        """Per system: step up until a failure, then bisect; systems alternate per step."""
+        a = self.args
+        # per system: highest clean rate, lowest failing rate, next rate, bisections done
+        state = {s.name: [None, None, a.search_start, 0] for s in systems}
+        while any(st[2] for st in state.values()):
+            for s in systems:
+                st = state[s.name]
+                if not st[2]:
+                    continue
+                row = self.point(s, st[2], a.search_seconds, 'search')
+                if row['failed'] == 0 and row['healthy']:
+                    st[0] = st[2]
+                else:
+                    st[1] = st[2]
+                if st[1] is None:                       # still clean: step up
+                    st[2] = int(round(st[0] * a.search_factor))
+                    if st[2] > a.search_max:
+                        st[2] = None
+                        self.capped.add(s.name)
+                elif st[0] is not None and st[3] < a.bisect and st[1] - st[0] > 20:
+                    st[2], st[3] = (st[0] + st[1]) // 2, st[3] + 1
+                else:
+                    st[2] = None
+        return {name: st[0] for name, st in state.items()}
+
+    def survival(self, system, clean, seconds):
+        """3x the clean rate for ``seconds``, then health and a 200 cps, 5 s follow-up."""
+        rate = 3 * clean
+
+        def work(kamailio):
+            over = measure(kamailio, system.user, rate, seconds)
+            alive = kamailio.health()
+            after = measure(kamailio, system.user, 200, 5) if alive is None else None
+            return over, alive, after
+        (over, alive, after), peak, health = self.session(system, work)
+        if alive or health:
+            verdict = 'no: %s' % (alive or health)
+        elif after['failed']:
+            verdict = 'survived, not recovered (%d/%d at 200 cps)' % (after['answered'],
+                                                                      after['calls'])
+        else:
+            verdict = 'yes, recovered'
+        print('%-10s survival %5d cps x %2ds: %d/%d answered -> %s' % (
+            system.name, rate, seconds, over['answered'], over['calls'], verdict))
+        return '%s (%d cps: %d/%d answered)' % (verdict, rate, over['answered'], over['calls'])
+
+
+def probe_sync_kazoo(logdir):
+    """Start the sync kazoo_query config, send 5 INVITEs, say what became of Kamailio."""
+    kamailio = BenchKamailio(os.path.join(logdir, 'c-kazoo-sync-probe.log'), SYNC_PROBE)
+    try:
+        kamailio.start()
+    except RuntimeError as exc:
+        return 'did not start: %s' % exc
+    try:
+        _, result = sipp(SYNC_PROBE.user, 5, 1)
+        time.sleep(1)
+        health = kamailio.health()
+        log = kamailio.log()
+    finally:
+        kamailio.stop()
+    crashed = 'signal 11' in log or 'segfault' in log
+    answered = result.counts.get('302', 0)
+    if health is None:
+        return 'survived: %d/5 INVITEs answered 302' % answered
+    return '%s: %d/5 answered; %s (log %s)' % (
+        'crashed (segfault)' if crashed else 'unhealthy', answered, health, kamailio.log_path)
+
+
+def declare_targeted():
+    """Declare exchange ``targeted`` as Kazoo and the C module do (direct, neither durable
+    nor auto-delete) before anything uses it, and stop with a clear message if it exists
+    with other flags (kazoo_green once declared it auto-delete): the C module's own
+    declaration would then fail (PRECONDITION_FAILED) and it would never get replies."""
+    import amqp
+    conn = amqp.Connection('127.0.0.1:5672', userid='guest', password='guest')
+    conn.connect()
+    try:
+        channel = conn.channel()
+        try:
+            channel.exchange_declare('targeted', 'direct', durable=False, auto_delete=False)
+        except amqp.exceptions.PreconditionFailed:
+            sys.exit('exchange "targeted" exists with auto_delete=true: some kazoo_green '
+                     'process still uses it; run again once it is gone')
+    finally:
+        conn.close()
+
+
+def _fmt(value, spec='%.0f'):
+    return '-' if value is None else spec % value
+
+
+def _ratio(a, b):
+    return '-' if not a or not b else '%.2f' % (float(a) / b)
+
+
+def report(args, systems, clean, survival, bench, probe, started, elapsed):
+    ref = {s.name: next((r for r in bench.runs[s.name]
+                         if r['phase'] == 'fixed' and r['offered'] == args.ref_rate), None)
+           for s in systems}
+    lines = ['# kazoo_green vs the C modules (bench/compare.py)', '',
+             '%s, git %s, %s; %s s per fixed rate, search %s s per step; '
+             'took %.1f min.' % (started.strftime('%Y-%m-%d %H:%M'), _git_rev(),
+                                 ' '.join(sys.argv[1:]) or 'defaults', args.seconds,
+                                 args.search_seconds, elapsed / 60.0), '']
+    head = ['system'] + ['%d cps answered / failed' % r for r in args.rates] + [
+        'highest clean cps', 'p50 / p99 ms @%d' % args.ref_rate,
+        'CPU µs/call @%d' % args.ref_rate, 'peak RSS MB', 'survived all runs',
+        '3x clean rate for %d s' % args.survival_seconds]
+    lines += ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
+    for s in systems:
+        runs = bench.runs[s.name]
+        cells = [s.name]
+        for rate in args.rates:
+            r = next((x for x in runs if x['phase'] == 'fixed' and x['offered'] == rate), None)
+            cells.append('%d / %d' % (r['answered'], r['failed']) if r else '-')
+        r = ref[s.name]
+        cells += [('>= %d' if s.name in bench.capped else '%d') % clean[s.name]
+                  if clean.get(s.name) else
+                  ('< %d' % args.search_start if s.name in clean else '-'),
+                  '%s / %s' % (_fmt(r and r['p50'], '%g'), _fmt(r and r['p99'], '%g')),
+                  _fmt(r and r['cpu_us']),
+                  _fmt(max([x['rss_mb'] for x in runs] or [None]) if runs else None),
+                  'yes' if not bench.trouble[s.name] else 'NO: ' + '; '.join(
+                      bench.trouble[s.name]),
+                  survival.get(s.name, 'not run')]
+        lines.append('| ' + ' | '.join(cells) + ' |')
+    if 'c-kazoo' in ref:
+        base = ref['c-kazoo']
+        lines += ['', 'Ratios against c-kazoo (clean rate: higher is better; CPU and p99: '
+                  'lower is better):', '',
+                  '| system | clean rate ratio | CPU ratio @%d | p99 ratio @%d |'
+                  % (args.ref_rate, args.ref_rate), '|---|---|---|---|']
+        for s in systems:
+            r = ref[s.name]
+            lines.append('| %s | %s | %s | %s |' % (
+                s.name, _ratio(clean.get(s.name), clean.get('c-kazoo')),
+                _ratio(r and r['cpu_us'], base and base['cpu_us']),
+                _ratio(r and r['p99'], base and base['p99'])))
+    if probe:
+        lines += ['', 'C kazoo module, sync `kazoo_query` probe (bench/systems/c_kazoo_sync.cfg):'
+                  ' %s' % probe]
+    lines += ['', 'RSS is the sum over Kamailio\'s processes (shared memory counted in each). '
+              'Logs: %s' % bench.logdir]
+    return '\n'.join(lines) + '\n'
+
+
+def _git_rev():
+    out = subprocess.run(['git', 'describe', '--always', '--dirty'], cwd=harness.ROOT,
+                         capture_output=True, text=True)
+    return out.stdout.strip() or '?'
+
+
+def plot(path, args, systems, bench):
+    try:
+        import matplotlib
+        matplotlib.use('Agg')
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print('no plot: matplotlib missing (.venv/bin/pip install -r bench/requirements.txt)')
+        return None
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5))
+    for s in systems:
+        points = sorted((r['offered'], r['answered'] / float(r['calls']) * r['offered'])
+                        for r in bench.runs[s.name] if r['phase'] in ('fixed', 'search'))
+        if points:
+            left.plot([p[0] for p in points], [p[1] for p in points], marker='o', label=s.name)
+    top = max([r['offered'] for runs in bench.runs.values() for r in runs] or [1])
+    left.plot([0, top], [0, top], color='grey', linestyle=':', label='all answered')
+    left.set(xlabel='offered calls/s', ylabel='answered (302) calls/s',
+             title='Throughput (fixed rates %d s, search steps %d s)'
+             % (args.seconds, args.search_seconds))
+    left.legend()
+    names, cpu = [], []
+    for s in systems:
+        r = next((x for x in bench.runs[s.name]
+                  if x['phase'] == 'fixed' and x['offered'] == args.ref_rate), None)
+        names.append(s.name)
+        cpu.append(r['cpu_us'] if r and r['cpu_us'] else 0)
+    bars = right.bar(names, cpu, color='tab:blue')
+    right.bar_label(bars, fmt='%.0f')
+    right.set(ylabel='Kamailio CPU µs per answered call',
+              title='CPU per call at %d cps offered' % args.ref_rate)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    return path
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description=__doc__.split('\n')[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--systems', default=','.join(SYSTEMS),
+                   help='comma-separated subset of: %s' % ', '.join(SYSTEMS))
+    p.add_argument('--rates', help='fixed offered rates, cps (default 500,1000,2000)')
+    p.add_argument('--seconds', type=int, help='seconds per fixed rate (default 10)')
+    p.add_argument('--ref-rate', type=int, help='rate of the p50/p99/CPU columns '
+                   '(default 1000; must be one of --rates)')
+    p.add_argument('--search-start', type=int, default=500)
+    p.add_argument('--search-factor', type=float, help='step-up factor (default 1.25)')
+    p.add_argument('--search-seconds', type=int, help='seconds per search step (default 5)')
+    p.add_argument('--search-max', type=int, default=8000, help='stop stepping up here')
+    p.add_argument('--bisect', type=int, help='bisection steps after the first failure '
+                   '(default 2)')
+    p.add_argument('--survival', default='kg-sync',
+                   help='systems for the 3x-saturation test: a list, "all" or "none"')
+    p.add_argument('--survival-seconds', type=int, help='default 30')
+    p.add_argument('--no-search', action='store_true', help='skip the clean-rate search '
+                   '(and so the survival test)')
+    p.add_argument('--quick', action='store_true',
+                   help='rates 500,1000, 5 s each, search x1.5 for 3 s a step with one '
+                        'bisection, survival 10 s: a few minutes')
+    args = p.parse_args()
+    quick = args.quick
+    defaults = dict(rates='500,1000' if quick else '500,1000,2000', seconds=5 if quick else 10,
+                    ref_rate=1000, search_factor=1.5 if quick else 1.25,
+                    search_seconds=3 if quick else 5, bisect=1 if quick else 2,
+                    survival_seconds=10 if quick else 30)
+    for name, value in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    args.rates = [int(r) for r in str(args.rates).split(',')]
+    if args.ref_rate not in args.rates:
+        p.error('--ref-rate %d is not one of --rates' % args.ref_rate)
+    unknown = set(args.systems.split(',')) - set(SYSTEMS)
+    if unknown:
+        p.error('unknown system(s): %s' % ', '.join(sorted(unknown)))
+    return args
+
+
+def main():
+    args = parse_args()
+    systems = [SYSTEMS[name] for name in args.systems.split(',')]
+    missing = sorted({s.module for s in systems if s.module and not os.path.exists(
+        os.path.join(MODULES_DIR, s.module + '.so'))})
+    if missing:
+        sys.exit('Kamailio module(s) %s missing: run `bash tests/tools/services.sh --bench`'
+                 % ', '.join(missing))
+    started, t0 = datetime.datetime.now(), time.monotonic()
+    logdir = tempfile.mkdtemp(prefix='kg-compare-')
+    declare_targeted()
+    responder = harness.Responder(os.path.join(logdir, 'responder.log'))
+    responder.start()
+    bench = Bench(args, logdir)
+    clean, survival, probe = {}, {}, None
+    try:
+        if SYSTEMS['c-kazoo'] in systems:
+            probe = probe_sync_kazoo(logdir)
+            print('c-kazoo-sync probe: %s' % probe)
+        for rate in args.rates:
+            for s in systems:
+                bench.point(s, rate, args.seconds, 'fixed')
+        if not args.no_search:
+            clean = bench.clean_rates(systems)
+            chosen = {'all': [s.name for s in systems], 'none': []}.get(
+                args.survival, args.survival.split(','))
+            for s in systems:
+                if s.name in chosen:
+                    if clean.get(s.name):
+                        survival[s.name] = bench.survival(s, clean[s.name],
+                                                          args.survival_seconds)
+                    else:
+                        survival[s.name] = 'no clean rate to start from'
+    finally:
+        responder.stop()
+    elapsed = time.monotonic() - t0
+    table = report(args, systems, clean, survival, bench, probe, started, elapsed)
+    print('\n' + table)
+    os.makedirs(RESULTS_DIR, exist_ok=True)
+    stem = os.path.join(RESULTS_DIR, 'compare-%s' % started.strftime('%Y%m%d-%H%M%S'))
+    png = plot(stem + '.png', args, systems, bench)
+    if png:
+        table += '\n![throughput and CPU per call](%s)\n' % os.path.basename(png)
+    with open(stem + '.md', 'w') as f:
+        f.write(table)
+    print('written: %s.md%s (took %.1f min)' % (stem, ' and .png' if png else '', elapsed / 60))
+
+
+if __name__ == '__main__':
+    main()
