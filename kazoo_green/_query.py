@@ -73,9 +73,11 @@ class ReplyWaiter(object):
         try:
             probe.exchange_declare(exchange=self.targeted_exchange, type='direct', passive=True)
         except self.link.channel_errors:
-            # Not there yet: declare it as Kazoo does (direct, not durable).
+            # Not there yet: declare it as Kazoo and the C module do (direct, neither
+            # durable nor auto-delete: any other flags make their declarations fail).
             # py-amqp has re-opened the channel the broker closed.
-            probe.exchange_declare(exchange=self.targeted_exchange, type='direct')
+            probe.exchange_declare(exchange=self.targeted_exchange, type='direct',
+                                   durable=False, auto_delete=False)
         probe.close()
         self._server_id = self._name(current_pid(), self._connections)
         self._server_pid = current_pid()

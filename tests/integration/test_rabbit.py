@@ -142,6 +142,30 @@ def test_one_reply_queue_per_process(runtimes, responder):
     assert sum(1 for line in out.splitlines() if kz.node in line) == 1
 
 
+def test_targeted_exchange_is_declared_as_the_c_module_declares_it(runtimes):
+    """Where ``targeted`` does not exist yet, kazoo_green declares it direct, neither
+    durable nor auto-delete: the C kazoo module declares it so, and a RabbitMQ
+    exchange declared with other flags would make the C module's declaration fail."""
+    import amqp
+    vhost = unique('kgvhost')
+    rabbitmqctl('add_vhost', vhost)
+    try:
+        rabbitmqctl('set_permissions', '-p', vhost, 'guest', '.*', '.*', '.*')
+        kz = runtimes('amqp://guest:guest@127.0.0.1:5672/' + vhost)
+        with pytest.raises(Unroutable):       # connects, declares, then finds no responder
+            kz.query('amq.direct', 'nobody', event('route', 'req'))
+        conn = amqp.Connection('127.0.0.1:5672', userid='guest', password='guest',
+                               virtual_host=vhost)
+        conn.connect()
+        try:
+            conn.channel().exchange_declare('targeted', 'direct', durable=False,
+                                            auto_delete=False)  # PreconditionFailed if not
+        finally:
+            conn.close()
+    finally:
+        rabbitmqctl('delete_vhost', vhost, check=False)
+
+
 def test_query_timeout_and_late_reply_is_counted(runtimes, responder):
     exchange = unique('callmgr')
     responder(exchange, delay=0.6)
