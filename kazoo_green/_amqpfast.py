@@ -43,7 +43,7 @@ _FRAME_END = b'\xce'
 _PUBLISH_SIG = pack('>HHH', 60, 40, 0)
 # exchange.declare(reserved, 'amq.direct', 'direct', passive, no other bits, {})
 _PROBE_DECLARE = pack('>HHH', 40, 10, 0) + b'\x0aamq.direct\x06direct\x01' + b'\x00' * 4
-_DELIVER = (60, 60)
+_DELIVER_SIG = pack('>HH', 60, 60)
 _CHUNK = 65536
 
 #: Properties the fast writer encodes (all of AMQP 0-9-1 basic's but the headers
@@ -51,12 +51,28 @@ _CHUNK = 65536
 FAST_PROPERTIES = frozenset(['content_type', 'content_encoding', 'delivery_mode', 'priority',
                              'correlation_id', 'reply_to', 'expiration', 'message_id',
                              'timestamp', 'type', 'user_id', 'app_id', 'cluster_id'])
-_SHORTSTR_FLAGS = (('content_type', 0x8000), ('content_encoding', 0x4000))
-_OCTET_FLAGS = (('delivery_mode', 0x1000), ('priority', 0x0800))
-_TAIL_FLAGS = (('correlation_id', 0x0400, 's'), ('reply_to', 0x0200, 's'),
-               ('expiration', 0x0100, 's'), ('message_id', 0x0080, 's'),
-               ('timestamp', 0x0040, 'Q'), ('type', 0x0020, 's'), ('user_id', 0x0010, 's'),
-               ('app_id', 0x0008, 's'), ('cluster_id', 0x0004, 's'))
+# Basic properties in wire order: (name, flag bit, kind); 'F' is the headers table.
+_PROPERTIES = (
+    ('content_type', 0x8000, 's'), ('content_encoding', 0x4000, 's'),
+    ('application_headers', 0x2000, 'F'), ('delivery_mode', 0x1000, 'B'),
+    ('priority', 0x0800, 'B'), ('correlation_id', 0x0400, 's'), ('reply_to', 0x0200, 's'),
+    ('expiration', 0x0100, 's'), ('message_id', 0x0080, 's'), ('timestamp', 0x0040, 'Q'),
+    ('type', 0x0020, 's'), ('user_id', 0x0010, 's'), ('app_id', 0x0008, 's'),
+    ('cluster_id', 0x0004, 's'))
+_FLAG = dict((name, bit) for name, bit, kind in _PROPERTIES if kind != 'F')
+_LAYOUTS = {}        # flags -> ((name, kind), ...) present, in wire order
+_METHODS = {}        # (channel, exchange, routing key, mandatory) -> basic.publish frame
+_METHODS_MAX = 4096  # routing keys can be many (one per user): a bounded cache
+_Q = Struct('>Q')
+_H = Struct('>H')
+
+
+def _layout(flags):
+    layout = _LAYOUTS.get(flags)
+    if layout is None:
+        layout = _LAYOUTS[flags] = tuple((name, kind) for name, bit, kind in _PROPERTIES
+                                         if flags & bit)
+    return layout
 
 
 def _shortstr(value):
@@ -77,39 +93,75 @@ def _timestamp(value):
     return int(value)
 
 
+def _publish_method(channel_id, exchange, routing_key, mandatory):
+    key = (channel_id, exchange, routing_key, mandatory)
+    frame = _METHODS.get(key)
+    if frame is None:
+        if len(_METHODS) >= _METHODS_MAX:
+            _METHODS.clear()
+        frame = _METHODS[key] = _frame(1, channel_id, b''.join((
+            _PUBLISH_SIG, _shortstr(exchange), _shortstr(routing_key),
+            b'\x01' if mandatory else b'\x00')))
+    return frame
+
+
 def encode_publish(channel_id, exchange, routing_key, body, properties, headers,
                    mandatory, frame_max):
-    """The frames of one ``basic.publish`` (method, content header, body) as bytes."""
-    method = b''.join((_PUBLISH_SIG, _shortstr(exchange), _shortstr(routing_key),
-                       b'\x01' if mandatory else b'\x00'))
-    flags = 0
-    parts = []
-    for name, bit in _SHORTSTR_FLAGS:
-        value = properties.get(name)
+    """The frames of one ``basic.publish`` (method, content header, body) as bytes.
+
+    ``properties`` may hold any of ``FAST_PROPERTIES`` (others are ignored);
+    ``headers`` is the headers table.
+    """
+    flags = 0x2000 if headers else 0
+    for name, value in properties.items():
         if value is not None:
-            flags |= bit
-            parts.append(_shortstr(value))
-    if headers:
-        flags |= 0x2000
-        parts.append(amqp_dumps('F', [headers]))
-    for name, bit in _OCTET_FLAGS:
-        value = properties.get(name)
-        if value is not None:
-            flags |= bit
-            parts.append(bytes((value,)))
-    for name, bit, kind in _TAIL_FLAGS:
-        value = properties.get(name)
-        if value is not None:
-            flags |= bit
-            parts.append(_shortstr(value) if kind == 's' else pack('>Q', _timestamp(value)))
-    header = _HEADER_START.pack(60, 0, len(body), flags) + b''.join(parts)
-    out = [_FRAME_HEADER.pack(1, channel_id, len(method)), method, _FRAME_END,
+            flags |= _FLAG.get(name, 0)
+    parts = [_HEADER_START.pack(60, 0, len(body), flags)]
+    for name, kind in _layout(flags):
+        if kind == 's':
+            parts.append(_shortstr(properties[name]))
+        elif kind == 'B':
+            parts.append(bytes((properties[name],)))
+        elif kind == 'F':
+            parts.append(amqp_dumps('F', [headers]))
+        else:
+            parts.append(_Q.pack(_timestamp(properties[name])))
+    header = b''.join(parts)
+    out = [_publish_method(channel_id, exchange, routing_key, bool(mandatory)),
            _FRAME_HEADER.pack(2, channel_id, len(header)), header, _FRAME_END]
     chunk = frame_max - 8
-    for start in range(0, len(body), chunk):
-        piece = body[start:start + chunk]
-        out.extend((_FRAME_HEADER.pack(3, channel_id, len(piece)), piece, _FRAME_END))
+    if not body:
+        pass  # no body frame at all, as py-amqp
+    elif len(body) <= chunk:
+        out += (_FRAME_HEADER.pack(3, channel_id, len(body)), body, _FRAME_END)
+    else:
+        for start in range(0, len(body), chunk):
+            piece = body[start:start + chunk]
+            out += (_FRAME_HEADER.pack(3, channel_id, len(piece)), piece, _FRAME_END)
     return b''.join(out)
+
+
+def decode_properties(buf, offset, end):
+    """Basic properties in ``buf[offset:end]`` (from the flags on) as py-amqp's
+    decode_properties_basic gives them; a headers table (or flag continuation) is left
+    to py-amqp."""
+    flags = _H.unpack_from(buf, offset)[0]
+    if flags & 0x2001:
+        return decode_properties_basic(bytes(buf[offset:end]), 0)[0]
+    offset += 2
+    properties = {}
+    for name, kind in _layout(flags):
+        if kind == 's':
+            end = offset + 1 + buf[offset]
+            properties[name] = bytes(buf[offset + 1:end]).decode('utf-8', 'surrogatepass')
+            offset = end
+        elif kind == 'B':
+            properties[name] = buf[offset]
+            offset += 1
+        else:
+            properties[name] = _Q.unpack_from(buf, offset)[0]
+            offset += 8
+    return properties
 
 
 class Delivered(object):
@@ -234,17 +286,62 @@ class FastPath(object):
     def _frames(self):
         """Handle the complete frames in the buffer; return how many there were."""
         handled = 0
-        frame = self._next_frame()
-        while frame is not None:
+        buf = self._buf
+        while True:
+            pos = self._pos
+            if len(buf) - pos < 8:
+                return handled
+            frame_type, channel, size = _FRAME_HEADER.unpack_from(buf, pos)
+            end = pos + 7 + size
+            if len(buf) <= end:
+                return handled
+            if buf[end] != 0xce:
+                raise UnexpectedFrame('Received frame_end %r while expecting 0xce'
+                                      % (buf[end],))
             handled += 1
-            self._frame(*frame)
-            frame = self._next_frame()
-        return handled
+            if (frame_type == 1 and buf[pos + 7:pos + 11] == _DELIVER_SIG
+                    and not self._pending and self._whole_delivery(channel, pos + 7, end)):
+                continue
+            self._pos = end + 1
+            self._frame(frame_type, channel, bytes(buf[pos + 7:end]))
+
+    def _whole_delivery(self, channel, start, end):
+        """Deliver the message whose basic.deliver method spans ``buf[start:end]`` if its
+        header and single body frame are in the buffer too (the usual case), in one pass.
+        Returns False, consuming nothing, when they are not."""
+        buf = self._buf
+        header = end + 1
+        if len(buf) - header < 22:
+            return False
+        frame_type, ch, size = _FRAME_HEADER.unpack_from(buf, header)
+        header_end = header + 7 + size
+        if frame_type != 2 or ch != channel or len(buf) <= header_end \
+                or buf[header_end] != 0xce:
+            return False
+        body_size = _Q.unpack_from(buf, header + 11)[0]
+        if body_size:
+            body_at = header_end + 1
+            if len(buf) - body_at < 8:
+                return False
+            frame_type, ch, size = _FRAME_HEADER.unpack_from(buf, body_at)
+            body_end = body_at + 7 + size
+            if frame_type != 3 or ch != channel or size != body_size \
+                    or len(buf) <= body_end or buf[body_end] != 0xce:
+                return False
+            body = bytes(buf[body_at + 7:body_end])
+            self._pos = body_end + 1
+        else:
+            body = b''
+            self._pos = header_end + 1
+        self.connection.bytes_recv += 1
+        self._deliver(channel, self._delivery_info(buf, start),
+                      decode_properties(buf, header + 19, header_end), body)
+        return True
 
     def _frame(self, frame_type, channel, payload):
         pending = self._pending.get(channel)
         if pending is None:
-            if frame_type == 1 and unpack_from('>HH', payload, 0) == _DELIVER:
+            if frame_type == 1 and payload[:4] == _DELIVER_SIG:
                 self._deliver_method(channel, payload)
                 self.connection.bytes_recv += 1
                 return
@@ -252,8 +349,7 @@ class FastPath(object):
             return
         self.connection.bytes_recv += 1
         if frame_type == 2:
-            properties, _ = decode_properties_basic(payload, 12)
-            pending.properties = properties
+            pending.properties = decode_properties(payload, 12, len(payload))
             pending.size = unpack_from('>Q', payload, 4)[0]
             if pending.size == 0:
                 self._complete(channel, pending, b'')
@@ -270,22 +366,28 @@ class FastPath(object):
             raise UnexpectedFrame('Received frame %d while expecting content on channel %d'
                                   % (frame_type, channel))
 
-    def _deliver_method(self, channel, payload):
-        offset = 4
-        n = payload[offset]
-        consumer_tag = payload[offset + 1:offset + 1 + n].decode('utf-8')
+    @staticmethod
+    def _delivery_info(buf, offset):
+        """basic.deliver's arguments (``buf[offset:]`` is its method payload) as the
+        ``delivery_info`` dict py-amqp gives."""
+        offset += 4
+        n = buf[offset]
+        consumer_tag = bytes(buf[offset + 1:offset + 1 + n]).decode('utf-8')
         offset += 1 + n
-        delivery_tag, redelivered = _DELIVER_TAG.unpack_from(payload, offset)
+        delivery_tag, redelivered = _DELIVER_TAG.unpack_from(buf, offset)
         offset += 9
-        n = payload[offset]
-        exchange = payload[offset + 1:offset + 1 + n].decode('utf-8')
+        n = buf[offset]
+        exchange = bytes(buf[offset + 1:offset + 1 + n]).decode('utf-8')
         offset += 1 + n
-        n = payload[offset]
-        routing_key = payload[offset + 1:offset + 1 + n].decode('utf-8')
+        n = buf[offset]
+        routing_key = bytes(buf[offset + 1:offset + 1 + n]).decode('utf-8')
+        return {'consumer_tag': consumer_tag, 'delivery_tag': delivery_tag,
+                'redelivered': bool(redelivered), 'exchange': exchange,
+                'routing_key': routing_key}
+
+    def _deliver_method(self, channel, payload):
         pending = _Pending()
-        pending.info = {'consumer_tag': consumer_tag, 'delivery_tag': delivery_tag,
-                        'redelivered': bool(redelivered), 'exchange': exchange,
-                        'routing_key': routing_key}
+        pending.info = self._delivery_info(payload, 0)
         pending.properties = None
         pending.size = -1
         pending.chunks = []
@@ -294,15 +396,18 @@ class FastPath(object):
 
     def _complete(self, channel_id, pending, body):
         del self._pending[channel_id]
+        self._deliver(channel_id, pending.info, pending.properties, body)
+
+    def _deliver(self, channel_id, info, properties, body):
         channel = self.connection.channels.get(channel_id)
         if channel is None:
             return
-        callback = channel.callbacks.get(pending.info['consumer_tag'])
+        callback = channel.callbacks.get(info['consumer_tag'])
         if callback is None:
             # As py-amqp does: nobody consumes with that tag (any more): give it back.
-            channel.basic_reject(pending.info['delivery_tag'], requeue=True)
+            channel.basic_reject(info['delivery_tag'], requeue=True)
             return
-        callback(Delivered(body, pending.properties, pending.info, channel))
+        callback(Delivered(body, properties, info, channel))
 
     # -- writing --------------------------------------------------------
     def _write(self, data):

@@ -232,3 +232,24 @@ def test_probe_is_a_passive_declare_py_amqp_would_send():
     write(1, 4, (40, 10), amqp.serialization.dumps(
         'BssbbbbbF', (0, 'amq.direct', 'direct', True, False, False, False, False, {})), None)
     assert conn.transport.written == reference.transport.written
+
+
+@pytest.mark.parametrize('split', [5, 100000])
+@pytest.mark.parametrize('case', CASES)
+def test_delivered_properties_are_py_amqps(case, split):
+    _, _, _, body, properties, headers, _ = case
+    props = dict(properties, application_headers=headers) if headers else dict(properties)
+    stream = deliver_frames(1, 't', 1, body, props)
+    header_payload = stream[stream.index(b'\xce') + 8:]
+    expected, _ = amqp.serialization.decode_properties_basic(header_payload, 12)
+    conn = FakeConnection()
+    channel = FakeChannel()
+    conn.channels[1] = channel
+    got = []
+    channel.callbacks['t'] = got.append
+    conn.transport.sock.chunks = [stream[i:i + split] for i in range(0, len(stream), split)]
+    fast = make_fast(conn)
+    while conn.transport.sock.chunks:
+        fast.drain(0)
+    assert [(m.body, m.properties) for m in got] == [(body, expected)]
+    assert set(expected) == set(props)
