@@ -245,10 +245,11 @@ class FastPath(object):
             self._pos = 0
         buf += data
 
-    def _next_frame(self):
-        """The next complete frame in the buffer as (type, channel, payload), or None."""
-        buf, pos = self._buf, self._pos
-        if len(buf) - pos < 7:
+    def _frame_at(self, pos):
+        """(type, channel, end) of the frame at ``pos`` if the buffer holds all of it
+        (its payload is ``buf[pos + 7:end]``), else None."""
+        buf = self._buf
+        if len(buf) - pos < 8:
             return None
         frame_type, channel, size = _FRAME_HEADER.unpack_from(buf, pos)
         end = pos + 7 + size
@@ -256,8 +257,17 @@ class FastPath(object):
             return None
         if buf[end] != 0xce:
             raise UnexpectedFrame('Received frame_end %r while expecting 0xce' % (buf[end],))
+        return frame_type, channel, end
+
+    def _next_frame(self):
+        """The next complete frame in the buffer as (type, channel, payload), or None."""
+        pos = self._pos
+        found = self._frame_at(pos)
+        if found is None:
+            return None
+        frame_type, channel, end = found
         self._pos = end + 1
-        return frame_type, channel, bytes(buf[pos + 7:end])
+        return frame_type, channel, bytes(self._buf[pos + 7:end])
 
     def _read_frame(self, unpack=None):
         """py-amqp's ``transport.read_frame``, served from the shared buffer.
@@ -286,50 +296,37 @@ class FastPath(object):
     def _frames(self):
         """Handle the complete frames in the buffer; return how many there were."""
         handled = 0
-        buf = self._buf
         while True:
             pos = self._pos
-            if len(buf) - pos < 8:
+            found = self._frame_at(pos)
+            if found is None:
                 return handled
-            frame_type, channel, size = _FRAME_HEADER.unpack_from(buf, pos)
-            end = pos + 7 + size
-            if len(buf) <= end:
-                return handled
-            if buf[end] != 0xce:
-                raise UnexpectedFrame('Received frame_end %r while expecting 0xce'
-                                      % (buf[end],))
+            frame_type, channel, end = found
             handled += 1
-            if (frame_type == 1 and buf[pos + 7:pos + 11] == _DELIVER_SIG
+            if (frame_type == 1 and self._buf[pos + 7:pos + 11] == _DELIVER_SIG
                     and not self._pending and self._whole_delivery(channel, pos + 7, end)):
                 continue
             self._pos = end + 1
-            self._frame(frame_type, channel, bytes(buf[pos + 7:end]))
+            self._frame(frame_type, channel, bytes(self._buf[pos + 7:end]))
 
     def _whole_delivery(self, channel, start, end):
         """Deliver the message whose basic.deliver method spans ``buf[start:end]`` if its
         header and single body frame are in the buffer too (the usual case), in one pass.
         Returns False, consuming nothing, when they are not."""
-        buf = self._buf
         header = end + 1
-        if len(buf) - header < 22:
+        found = self._frame_at(header)
+        if found is None or found[:2] != (2, channel):
             return False
-        frame_type, ch, size = _FRAME_HEADER.unpack_from(buf, header)
-        header_end = header + 7 + size
-        if frame_type != 2 or ch != channel or len(buf) <= header_end \
-                or buf[header_end] != 0xce:
-            return False
+        header_end = found[2]
+        buf = self._buf
         body_size = _Q.unpack_from(buf, header + 11)[0]
         if body_size:
             body_at = header_end + 1
-            if len(buf) - body_at < 8:
+            found = self._frame_at(body_at)
+            if found is None or found[:2] != (3, channel) or found[2] - body_at - 7 != body_size:
                 return False
-            frame_type, ch, size = _FRAME_HEADER.unpack_from(buf, body_at)
-            body_end = body_at + 7 + size
-            if frame_type != 3 or ch != channel or size != body_size \
-                    or len(buf) <= body_end or buf[body_end] != 0xce:
-                return False
-            body = bytes(buf[body_at + 7:body_end])
-            self._pos = body_end + 1
+            body = bytes(buf[body_at + 7:found[2]])
+            self._pos = found[2] + 1
         else:
             body = b''
             self._pos = header_end + 1
@@ -440,8 +437,12 @@ class FastPath(object):
 
     def publish(self, channel_id, exchange, routing_key, body, properties, headers,
                 mandatory):
-        self._write(encode_publish(channel_id, exchange, routing_key, body, properties,
-                                   headers, mandatory, self.frame_max))
+        self.send(encode_publish(channel_id, exchange, routing_key, body, properties,
+                                 headers, mandatory, self.frame_max))
+
+    def send(self, frames):
+        """Write whole frames (e.g. from ``encode_publish``)."""
+        self._write(frames)
         self.connection.bytes_sent += 1
 
     def probe(self, channel_id):

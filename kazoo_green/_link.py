@@ -286,16 +286,19 @@ class Link(object):
         fast = self.fast
         self._read_until(lambda: not fast.has_pending(), lambda: self.poll_interval)
 
-    def _read_until(self, done, time_left):
+    def _read_until(self, done, time_left, first=None):
         """Be the reader until ``done()``, or ``time_left()`` is spent, or the link dies.
 
-        Returns False at once if another greenlet is reading the socket.
+        Returns False at once if another greenlet is reading the socket. ``first``: a
+        write to make once the socket is ours (see :meth:`ask`).
         """
         if not self._rlock.acquire(blocking=False):
             return False
         gen = self.generation
         self._read_free.clear()
         try:
+            if first is not None:
+                first()
             while not done() and self.connected and gen == self.generation:
                 timeout = time_left()
                 if timeout <= 0:
@@ -417,6 +420,27 @@ class Link(object):
             if not self._read_until(result.ready, lambda: deadline - monotonic()):
                 gevent.wait([result, self._read_free], count=1, timeout=remaining)
         return result.ready()
+
+    def ask(self, data, result, deadline):
+        """Write ``data`` (whole frames) and read until ``result`` is ready or ``deadline``.
+
+        The shortcut of a blocking caller-driven link (Kamailio's SIP workers: no other
+        greenlet runs while this one waits in poll(2)): one pass instead of a write and
+        a wait. Returns False, having written nothing, when it does not apply (a
+        background reader, not connected, another greenlet writing or reading); the
+        caller then uses :meth:`write` and :meth:`wait`. A lost connection fails
+        ``result`` through the on-down callbacks, as in :meth:`wait`.
+        """
+        fast = self.fast
+        if not (self.blocking and fast is not None and self._reader is None and self.connected):
+            return False
+        if not self._wlock.acquire(blocking=False):
+            return False
+        try:
+            return self._read_until(result.ready, lambda: deadline - monotonic(),
+                                    first=lambda: fast.send(data))
+        finally:
+            self._wlock.release()
 
     # -- background reader ---------------------------------------------
     def start(self):

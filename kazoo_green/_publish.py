@@ -8,7 +8,7 @@ import gevent
 from gevent.event import AsyncResult
 
 from . import _defaults as D
-from ._amqpfast import FAST_PROPERTIES
+from ._amqpfast import FAST_PROPERTIES, encode_publish
 from .errors import (
     BufferFull, ConnectionLost, NotConnected, PublishNacked, UnknownExchange,
 )
@@ -161,6 +161,19 @@ class Publisher(object):
         except self.link.channel_errors as exc:
             raise UnknownExchange('exchange %r does not exist: %s' % (exchange, exc)) from None
         self._verified.add(exchange)
+
+    def frames(self, exchange, routing_key, body, headers, props, mandatory):
+        """The bytes of one publish on the plain channel, for :meth:`Link.ask`, or None
+        where the lean path does not apply. The link must be up."""
+        fast = self.link.fast
+        if fast is None or (props and not FAST_PROPERTIES.issuperset(props)):
+            return None
+        self.verify(exchange)
+        properties = dict(props) if props else {}
+        properties['content_type'] = D.CONTENT_TYPE
+        properties['content_encoding'] = 'utf-8'
+        return encode_publish(self.channel.channel_id, exchange, routing_key, body,
+                              properties, headers, mandatory, fast.frame_max)
 
     def _send(self, exchange, routing_key, body, headers, props, mandatory, channel=None):
         """Write one message; the link must be up. Returns the channel used."""

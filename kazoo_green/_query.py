@@ -152,10 +152,19 @@ class ReplyWaiter(object):
             props = {'correlation_id': msg_id}
             if self.use_reply_to:
                 props['reply_to'] = D.DIRECT_REPLY_TO
-            self.publisher.publish(exchange, routing_key, dumps(payload), headers, props,
-                                   mandatory=mandatory and link.supports_amqp,
-                                   deadline=deadline, buffer=False, ensured=True)
-            if not link.wait(result, deadline):
+            body = dumps(payload)
+            mandatory = mandatory and link.supports_amqp
+            # Blocking caller-driven (SIP workers): write and read in one pass.
+            frames = self.publisher.frames(exchange, routing_key, body, headers, props,
+                                           mandatory) if link.blocking else None
+            if frames is not None and link.ask(frames, result, deadline):
+                self.stats.published += 1
+            else:
+                self.publisher.publish(exchange, routing_key, body, headers, props,
+                                       mandatory=mandatory, deadline=deadline, buffer=False,
+                                       ensured=True)
+                link.wait(result, deadline)
+            if not result.ready():
                 self.stats.queries_timeout += 1
                 # Caller-driven: a silent timeout may be a frozen broker; check it.
                 link.send_probe(self.publisher.send_probe)

@@ -132,6 +132,52 @@ def test_query_both_reply_styles(runtimes, responder, style, started):
     assert stats['queries_ok'] == 51 and stats['pending_queries'] == 0
 
 
+@pytest.fixture
+def process_responder():
+    """PlainResponder in a process of its own: a blocking caller stops every greenlet of
+    this one while it waits."""
+    made = []
+
+    def make(exchange, style='kazoo', delay=0.0):
+        proc = subprocess.Popen([sys.executable, '-m', 'tests.integration.responders',
+                                 exchange, style, str(delay)], stdout=subprocess.PIPE,
+                                text=True, cwd=ROOT)
+        made.append(proc)
+        assert proc.stdout.readline().strip() == 'ready'
+        return proc
+
+    yield make
+    for proc in made:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.mark.parametrize('style', ['kazoo', 'generic'])
+def test_blocking_caller_queries_write_and_read_in_one_pass(runtimes, process_responder,
+                                                           style):
+    """blocking=True (Kamailio's SIP workers): replies, timeouts, returns and a connection
+    closed by the broker between two calls, all through Link.ask."""
+    exchange = unique('callmgr')
+    process_responder(exchange, style)
+    kz = runtimes(RABBIT_URL, blocking=True, query_timeout=1.0)
+    for i in range(200):
+        reply = kz.query(exchange, 'route.req', event('route', 'req', To='u%d' % i))
+        assert reply['Answer'] == 'u%d' % i and reply['Style'] == style
+    with pytest.raises(Unroutable):
+        kz.query(exchange, 'nobody.listens', event('route', 'req'))
+    started = monotonic()
+    with pytest.raises(QueryTimeout):
+        kz.query('amq.topic', 'route.req', event('route', 'req'), timeout=0.3,
+                 mandatory=False)
+    assert 0.3 <= monotonic() - started < 1.0
+    assert close_connections(kz.node) >= 1
+    gevent.sleep(0.2)  # the broker's close is on the socket before the next call
+    assert kz.query(exchange, 'route.req', event('route', 'req', To='z'))['Answer'] == 'z'
+    stats = kz.stats()
+    assert stats['queries_ok'] == 201 and stats['pending_queries'] == 0
+    assert stats['published'] == 203 and stats['reconnects'] == 1
+
+
 def test_one_reply_queue_per_process(runtimes, responder):
     exchange = unique('callmgr')
     responder(exchange)
