@@ -16,7 +16,7 @@ answered/failed calls at fixed offered rates (systems alternate within each rate
 ratios hold on a noisy machine), the highest offered rate without a failure (steps up
 x1.25 until failures, then bisects), p50/p99 response time and Kamailio CPU µs per call
 (utime+stime of every Kamailio process / answered calls) at the reference rate, peak RSS
-(sum over Kamailio's processes), whether Kamailio kept all its processes, and for
+and PSS (sums over Kamailio's processes), whether Kamailio kept all its processes, and for
 kg-sync (``--survival all``: every system) whether it survives 3x its own clean rate for
 30 s and then answers a 200 cps run completely ("recovered"). Every measurement starts
 from a fresh Kamailio warmed up with 200 calls at 100 cps. Before the systems, a probe
@@ -146,24 +146,47 @@ class BenchKamailio(harness.Kamailio):
         harness.wait_until(lambda: not sip_answers(0.1), 10)
 
 
-class RssSampler(object):
-    """Peak of the summed RSS of Kamailio's processes, sampled every 0.5 s."""
+def _memory_kb(pid):
+    """(RSS, PSS) of one process in kB. PSS shares each shared page among the processes
+    mapping it, so summed over Kamailio's processes it counts shared memory once."""
+    rss = pss = 0
+    with open('/proc/%d/smaps_rollup' % pid) as f:
+        for line in f:
+            if line.startswith('Rss:'):
+                rss = int(line.split()[1])
+            elif line.startswith('Pss:'):
+                pss = int(line.split()[1])
+    return rss, pss
+
+
+class MemorySampler(object):
+    """Peaks of the summed RSS and PSS of Kamailio's processes, sampled every 0.5 s."""
 
     def __init__(self, kamailio):
-        self.kamailio, self.peak_kb = kamailio, 0
+        self.kamailio, self.peak_rss_kb, self.peak_pss_kb = kamailio, 0, 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
     def _run(self):
         while not self._stop.is_set():
-            self.peak_kb = max(self.peak_kb, self.kamailio.rss_kb())
+            rss = pss = 0
+            for pid in self.kamailio.process_ids():
+                try:
+                    one = _memory_kb(pid)
+                except (OSError, ValueError):
+                    continue  # gone meanwhile
+                rss += one[0]
+                pss += one[1]
+            self.peak_rss_kb = max(self.peak_rss_kb, rss)
+            self.peak_pss_kb = max(self.peak_pss_kb, pss)
             self._stop.wait(0.5)
 
     def stop(self):
+        """(peak RSS, peak PSS) in MB."""
         self._stop.set()
         self._thread.join()
-        return self.peak_kb / 1024.0
+        return self.peak_rss_kb / 1024.0, self.peak_pss_kb / 1024.0
 
 
 def sipp(user, rate, seconds):
@@ -194,12 +217,13 @@ class Bench(object):
 
     def session(self, system, work):
         """Fresh Kamailio for ``system``, warmed up; ``work(kamailio)``; health; stop.
-        Returns what ``work`` returned, the peak RSS (MB) and the health problem or None."""
+        Returns what ``work`` returned, the peak (RSS, PSS) in MB and the health problem
+        or None."""
         self._count += 1
         log = os.path.join(self.logdir, '%03d-%s.log' % (self._count, system.name))
         kamailio = BenchKamailio(log, system)
         kamailio.start()
-        sampler = RssSampler(kamailio)
+        sampler = MemorySampler(kamailio)
         try:
             harness.run_sipp(harness.invite_scenario(system.user, 302), system.user,
                              calls=200, rate=100)
@@ -213,14 +237,16 @@ class Bench(object):
     def point(self, system, rate, seconds, phase):
         row, peak, health = self.session(
             system, lambda k: measure(k, system.user, rate, seconds))
-        row.update(system=system.name, phase=phase, rss_mb=peak, healthy=health is None)
+        row.update(system=system.name, phase=phase, rss_mb=peak[0], pss_mb=peak[1],
+                   healthy=health is None)
         if health:
             self.trouble[system.name].append(health)
         self.runs[system.name].append(row)
         print('%-10s %-8s %5d cps x %2ds: %5d/%5d answered, p50 %s p99 %s ms, %s us CPU/call, '
-              'RSS %.0f MB%s' % (system.name, phase, rate, seconds, row['answered'], row['calls'],
-                                 row['p50'], row['p99'], _fmt(row['cpu_us']), peak,
-                                 '' if health is None else ', UNHEALTHY: ' + health))
+              'RSS %.0f MB, PSS %.0f MB%s' % (system.name, phase, rate, seconds, row['answered'],
+                                             row['calls'], row['p50'], row['p99'],
+                                             _fmt(row['cpu_us']), peak[0], peak[1],
+                                             '' if health is None else ', UNHEALTHY: ' + health))
         sys.stdout.flush()
         return row
 
@@ -332,7 +358,7 @@ def report(args, systems, clean, survival, bench, probe, started, elapsed):
                                  args.search_seconds, elapsed / 60.0), '']
     head = ['system'] + ['%d cps answered / failed' % r for r in args.rates] + [
         'highest clean cps', 'p50 / p99 ms @%d' % args.ref_rate,
-        'CPU µs/call @%d' % args.ref_rate, 'peak RSS MB', 'survived all runs',
+        'CPU µs/call @%d' % args.ref_rate, 'peak RSS / PSS MB', 'survived all runs',
         '3x clean rate for %d s' % args.survival_seconds]
     lines += ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
     for s in systems:
@@ -347,7 +373,8 @@ def report(args, systems, clean, survival, bench, probe, started, elapsed):
                   ('< %d' % args.search_start if s.name in clean else '-'),
                   '%s / %s' % (_fmt(r and r['p50'], '%g'), _fmt(r and r['p99'], '%g')),
                   _fmt(r and r['cpu_us']),
-                  _fmt(max([x['rss_mb'] for x in runs] or [None]) if runs else None),
+                  '%s / %s' % (_fmt(max([x['rss_mb'] for x in runs]) if runs else None),
+                               _fmt(max([x['pss_mb'] for x in runs]) if runs else None)),
                   'yes' if not bench.trouble[s.name] else 'NO: ' + '; '.join(
                       bench.trouble[s.name]),
                   survival.get(s.name, 'not run')]
@@ -367,7 +394,8 @@ def report(args, systems, clean, survival, bench, probe, started, elapsed):
     if probe:
         lines += ['', 'C kazoo module, sync `kazoo_query` probe (bench/systems/c_kazoo_sync.cfg):'
                   ' %s' % probe]
-    lines += ['', 'RSS is the sum over Kamailio\'s processes (shared memory counted in each). '
+    lines += ['', 'RSS and PSS are summed over Kamailio\'s processes: RSS counts shared memory '
+              'in every process that touched it, PSS shares it out (counts it once). '
               'Logs: %s' % bench.logdir]
     return '\n'.join(lines) + '\n'
 
