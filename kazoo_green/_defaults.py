@@ -5,7 +5,7 @@ __all__ = [
     'CONNECT_TIMEOUT', 'HEARTBEAT', 'POLL_INTERVAL', 'RECONNECT_DELAY',
     'RECONNECT_DELAY_MAX', 'STOP_TIMEOUT', 'TARGETED_EXCHANGE',
     'DIRECT_REPLY_TO', 'EVENT_KEY', 'EVENT_SUBKEY', 'ROUTE_PREFIX',
-    'MEMORY_POLLING_INTERVAL', 'CONTENT_TYPE', 'CONFIRM_TIMEOUT', 'PROBE_GRACE',
+    'MEMORY_POLLING_INTERVAL', 'CONTENT_TYPE', 'CONFIRM_TIMEOUT', 'PROBE_GRACE', 'REPLY_QUEUE_WAIT',
 ]
 
 #: Used when no broker list is given.
@@ -33,6 +33,10 @@ RECONNECT_DELAY_MAX = 2.0
 #: Seconds a caller-driven connection has to answer a probe sent after a query
 #: timed out, before it counts as dead (a frozen broker never closes TCP).
 PROBE_GRACE = 0.5
+#: Seconds a connect waits for the broker to confirm this process's reply queue when
+#: direct reply-to can carry replies meanwhile (a cluster with a frozen node stalls
+#: queue declarations until net_ticktime, 60 s by default, declares the node down).
+REPLY_QUEUE_WAIT = 0.2
 #: Seconds stop() waits for in-flight handlers to finish.
 STOP_TIMEOUT = 10.0
 #: Direct exchange where Kazoo-style responders send replies (Server-ID).

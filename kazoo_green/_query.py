@@ -1,7 +1,10 @@
 """Queries: one reply queue per process, both reply styles, correlation by Msg-ID."""
 
 import logging
+import socket
 from time import monotonic
+
+from amqp import spec
 
 from gevent.event import AsyncResult
 
@@ -83,14 +86,42 @@ class ReplyWaiter(object):
         self._server_pid = current_pid()
         self._connections += 1
         queue = self._server_id
-        channel.queue_declare(queue=queue, exclusive=True, auto_delete=True)
-        channel.queue_bind(queue=queue, exchange=self.targeted_exchange, routing_key=queue)
-        channel.basic_consume(queue=queue, no_ack=True, callback=self._on_reply,
-                              consumer_tag='kg-targeted')
         self.use_reply_to = self.direct_reply_to and self.link.supports_amqp
-        if self.use_reply_to:
-            channel.basic_consume(queue=D.DIRECT_REPLY_TO, no_ack=True,
-                                  callback=self._on_reply, consumer_tag='kg-reply-to')
+        if not self.use_reply_to:
+            channel.queue_declare(queue=queue, exclusive=True, auto_delete=True)
+            channel.queue_bind(queue=queue, exchange=self.targeted_exchange,
+                               routing_key=queue)
+            channel.basic_consume(queue=queue, no_ack=True, callback=self._on_reply,
+                                  consumer_tag='kg-targeted')
+            return
+        # Direct reply-to needs nothing declared: it works at once on any node.
+        channel.basic_consume(queue=D.DIRECT_REPLY_TO, no_ack=True, callback=self._on_reply,
+                              consumer_tag='kg-reply-to')
+        self._declare_reply_queue(conn.channel(), queue)
+
+    def _declare_reply_queue(self, channel, queue):
+        """Declare, bind and consume the Kazoo-style reply queue on a channel of its own,
+        and wait (at most REPLY_QUEUE_WAIT) until the broker has done it.
+
+        Normally that takes a millisecond. While a cluster node is frozen, RabbitMQ
+        stalls queue declarations cluster-wide until net_ticktime declares the node
+        down; queries then go out with direct reply-to only (Kazoo-style replies find
+        the queue once the broker is done) instead of not at all.
+        """
+        channel.queue_declare(queue=queue, exclusive=True, auto_delete=True, nowait=True)
+        channel.queue_bind(queue=queue, exchange=self.targeted_exchange, routing_key=queue,
+                           nowait=True)
+        channel.basic_consume(queue=queue, no_ack=True, callback=self._on_reply,
+                              consumer_tag='kg-targeted', nowait=True)
+        # The channel answers this only after the three above (a late answer is ignored).
+        channel.send_method(spec.Basic.Qos, 'lBb', (0, 0, False))
+        try:
+            channel.wait(spec.Basic.QosOk, timeout=D.REPLY_QUEUE_WAIT)
+        except socket.timeout:
+            self.stats.reply_queue_late += 1
+            log.warning('reply queue %s not confirmed by the broker within %.1fs (a stalled '
+                        'cluster node?); direct reply-to carries replies meanwhile',
+                        queue, D.REPLY_QUEUE_WAIT)
 
     def _down(self, link, exc):
         pending, self._pending = self._pending, {}

@@ -15,6 +15,7 @@ COUNTERS = (
     'queries_timeout',    # queries that reached their deadline
     'queries_failed',     # queries failed otherwise (connection lost, unroutable)
     'replies_unmatched',  # replies that matched no waiting query (late or foreign)
+    'reply_queue_late',   # reply queues the broker had not confirmed when queries began
     'consumed',           # messages delivered to subscriptions
     'acked',
     'rejected',
