@@ -1,6 +1,6 @@
 """Run the Kamailio example, the example responder and sipp; read back what happened.
 
-Used by the end-to-end tests and by bench/kamailio_bench.py. Everything listens on
+Used by the end-to-end tests and by bench/compare.py. Everything listens on
 127.0.0.1 only.
 """
 
