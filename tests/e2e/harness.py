@@ -201,7 +201,7 @@ _INVITE = '''<?xml version="1.0" encoding="ISO-8859-1" ?>
     <![CDATA[
 
       ACK sip:[service]@[remote_ip]:[remote_port] SIP/2.0
-      Via: SIP/2.0/[transport] [local_ip]:[local_port];branch=[branch]
+      Via: SIP/2.0/[transport] [local_ip]:[local_port];branch=[branch-%(ack_back)d]
       From: sipp <sip:caller@[local_ip]:[local_port]>;tag=[pid]SIPpTag00[call_number]
       To: <sip:[service]@[remote_ip]:[remote_port]>[peer_tag_param]
       Call-ID: [call_id]
@@ -254,7 +254,11 @@ def invite_scenario(user, *codes):
                 % (attrs, re.escape(user)))
         else:
             recvs.append('  <recv %s/>' % attrs)
-    return _INVITE % {'recvs': '\n'.join(recvs)}
+    # The ACK of a non-2xx final reply is part of the INVITE transaction: same branch
+    # (RFC 3261 17.1.1.3), or tm cannot match it and retransmits the reply until its
+    # timer. [branch-N] is the branch of the message N scenario messages back: the
+    # INVITE, the optional 100 and one recv per code come before the ACK.
+    return _INVITE % {'recvs': '\n'.join(recvs), 'ack_back': 2 + len(codes)}
 
 
 def register_scenario(domain):
