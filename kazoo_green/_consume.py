@@ -47,6 +47,7 @@ class Subscription(object):
         self.worker_key = worker_key
         self.tag = None
         self.channel = None  # the consuming channel of the current connection
+        self.retrying = False  # a greenlet is trying to set it up again
         self.queue_in_use = queue
 
     def queue_name(self, node, index):
@@ -91,9 +92,40 @@ class Subscriber(object):
             try:
                 self._setup(sub, conn)
             except self.link.channel_errors as exc:
-                # The broker refused this one (e.g. a type or argument
-                # mismatch); the others still work.
-                log.error('cannot set up %r: %s', sub, exc)
+                # The broker refused this one; the others still work. It may be
+                # passing (a queue whose node just died is still being cleaned up
+                # cluster-wide) or not (a type or argument mismatch): retry it.
+                self.stats.setup_errors += 1
+                log.error('cannot set up %r: %s; retrying', sub, exc)
+                self._retry_later(sub)
+
+    def _retry_later(self, sub):
+        if not sub.retrying:
+            sub.retrying = True
+            gevent.spawn(self._retry, sub)
+
+    def _retry(self, sub):
+        """Set ``sub`` up again, backing off, until it works or a new connection does it."""
+        delay = D.RECONNECT_DELAY
+        try:
+            while True:
+                gevent.sleep(delay)
+                link = self.link
+                if sub.channel is not None or not link.connected or sub not in self.subscriptions:
+                    return  # done meanwhile, or the next connect sets it up
+                try:
+                    link.rpc(self._setup, sub, link._conn)
+                except link.channel_errors as exc:
+                    self.stats.setup_errors += 1
+                    delay = min(delay * 2, D.SETUP_RETRY_MAX)
+                    log.warning('cannot set up %r: %s; next try in %.1fs', sub, exc, delay)
+                except KazooError:
+                    return  # connection lost: the next connect sets it up
+                else:
+                    log.info('%r set up after a retry', sub)
+                    return
+        finally:
+            sub.retrying = False
 
     def _setup(self, sub, conn):
         channel = conn.channel()
@@ -137,6 +169,10 @@ class Subscriber(object):
             return  # the next connect sets every subscription up
         try:
             link.rpc(self._setup, sub, link._conn)
+        except link.channel_errors as exc:
+            self.stats.setup_errors += 1
+            log.error('cannot restore %r: %s; retrying', sub, exc)
+            self._retry_later(sub)
         except Exception as exc:
             log.error('cannot restore %r: %s', sub, exc)
 

@@ -3,7 +3,7 @@
 __all__ = [
     'BROKERS', 'APP_NAME', 'QUERY_TIMEOUT', 'WORKERS', 'PUBLISH_BUFFER',
     'CONNECT_TIMEOUT', 'HEARTBEAT', 'POLL_INTERVAL', 'RECONNECT_DELAY',
-    'RECONNECT_DELAY_MAX', 'STOP_TIMEOUT', 'TARGETED_EXCHANGE',
+    'RECONNECT_DELAY_MAX', 'SETUP_RETRY_MAX', 'STOP_TIMEOUT', 'TARGETED_EXCHANGE',
     'DIRECT_REPLY_TO', 'EVENT_KEY', 'EVENT_SUBKEY', 'ROUTE_PREFIX',
     'MEMORY_POLLING_INTERVAL', 'CONTENT_TYPE', 'CONFIRM_TIMEOUT', 'PROBE_GRACE', 'REPLY_QUEUE_WAIT',
 ]
@@ -30,6 +30,8 @@ POLL_INTERVAL = 0.1
 #: First and largest pause between two full rounds of failed connects.
 RECONNECT_DELAY = 0.1
 RECONNECT_DELAY_MAX = 2.0
+#: Largest pause between two tries to set up a subscription the broker refused.
+SETUP_RETRY_MAX = 5.0
 #: Seconds a caller-driven connection has to answer a probe sent after a query
 #: timed out, before it counts as dead (a frozen broker never closes TCP).
 PROBE_GRACE = 0.5

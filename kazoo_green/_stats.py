@@ -23,6 +23,7 @@ COUNTERS = (
     'unrouted',           # good messages with no event route defined for them
     'handler_errors',     # event-route handlers that raised
     'ack_failed',         # acks/rejects that could not be sent (connection gone)
+    'setup_errors',       # subscription setups the broker refused (each retried)
     'connects',           # successful broker connections
     'reconnects',         # connections made after a lost one
     'connection_errors',  # connections lost or connect attempts failed

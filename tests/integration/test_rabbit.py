@@ -319,6 +319,31 @@ def test_prefetch_bounds_messages_in_flight(runtimes):
     assert peak[0] == 3
 
 
+def test_subscription_the_broker_refuses_is_retried_until_it_works(runtimes, cleanup):
+    """A setup the broker refuses at connect (here: a passive queue that does not exist
+    yet; after a node died: its queue not yet cleaned up) is retried with back-off, not
+    given up until the next reconnect."""
+    import amqp
+    queues, _ = cleanup
+    queue = unique('kgt-later')
+    queues.append(queue)
+    kz = runtimes(RABBIT_URL)
+    got = []
+    kz.add_route('kazoo:consumer-event-later-x', lambda payload, meta: got.append(payload['n']))
+    kz.subscribe('', queue, queue=queue, passive=True, auto_delete=False)
+    kz.start()
+    assert wait_for(lambda: kz.stats()['setup_errors'] >= 2, timeout=10)  # tried again
+    conn = amqp.Connection('127.0.0.1:5672', userid='guest', password='guest')
+    conn.connect()
+    try:
+        conn.channel().queue_declare(queue, auto_delete=False)
+    finally:
+        conn.close()
+    kz.publish('', queue, event('later', 'x', n=1))
+    assert wait_for(lambda: got == [1], timeout=15), kz.stats()
+    assert kz.stats()['reconnects'] == 0
+
+
 def test_subscribe_after_start_and_type_mismatch_is_a_clear_error(runtimes, cleanup):
     kz = runtimes(RABBIT_URL)
     kz.start()
