@@ -12,7 +12,7 @@ from . import _defaults as D
 from .errors import BadMessage, ConnectionLost, KazooError, QueryFailed, QueryTimeout, Unroutable
 from .wire import current_pid, dumps, loads_payload
 
-__all__ = ['ReplyWaiter']
+__all__ = ['ReplyWaiter', 'done_within']
 
 log = logging.getLogger('kazoo_green')
 
@@ -113,11 +113,7 @@ class ReplyWaiter(object):
                            nowait=True)
         channel.basic_consume(queue=queue, no_ack=True, callback=self._on_reply,
                               consumer_tag='kg-targeted', nowait=True)
-        # The channel answers this only after the three above (a late answer is ignored).
-        channel.send_method(spec.Basic.Qos, 'lBb', (0, 0, False))
-        try:
-            channel.wait(spec.Basic.QosOk, timeout=D.REPLY_QUEUE_WAIT)
-        except socket.timeout:
+        if not done_within(channel, D.REPLY_QUEUE_WAIT):
             self.stats.reply_queue_late += 1
             log.warning('reply queue %s not confirmed by the broker within %.1fs (a stalled '
                         'cluster node?); direct reply-to carries replies meanwhile',
@@ -211,3 +207,15 @@ class ReplyWaiter(object):
             self._pending.pop(msg_id, None)
         self.stats.queries_ok += 1
         return reply
+
+
+def done_within(channel, timeout):
+    """Whether the broker has carried out the nowait methods sent on ``channel`` so far,
+    waiting at most ``timeout`` seconds: the channel answers a basic.qos only after them
+    (an answer that comes later is ignored)."""
+    channel.send_method(spec.Basic.Qos, 'lBb', (0, 0, False))
+    try:
+        channel.wait(spec.Basic.QosOk, timeout=timeout)
+    except socket.timeout:
+        return False
+    return True

@@ -50,7 +50,8 @@ from time import monotonic
 import gevent
 import gevent.local
 
-from . import runtime
+from . import _defaults as D, runtime
+from ._query import done_within
 from .errors import KazooError
 from .wire import dumps, loads_payload, new_msg_id
 
@@ -128,15 +129,25 @@ class Kazoo(runtime.Kazoo):
 
     # -- both sides -----------------------------------------------------
     def _declare_async_queue(self, conn, channel=None):
-        channel = channel or self._publisher.channel
+        """Declare and bind the instance's async queue: on ``channel`` and waiting for
+        the broker (consumer side), or else (SIP workers, where it is only there so the
+        first replies find it) on a channel of its own, waiting at most
+        REPLY_QUEUE_WAIT: a cluster with a frozen node stalls declarations, and sync
+        queries on this connection must not wait for that."""
+        wait = channel is not None or not self._pub_link.supports_amqp
+        channel = channel or (conn.channel() if not wait else self._publisher.channel)
         # Single active consumer: with several consumer processes (rtimer mode=N) the
         # notice and the reply of one query still reach the same process, the one that
         # holds its timer; another takes over if that one goes away.
         channel.queue_declare(queue=self.async_queue, durable=False, exclusive=False,
-                              auto_delete=False,
+                              auto_delete=False, nowait=not wait,
                               arguments={'x-single-active-consumer': True})
         channel.queue_bind(queue=self.async_queue, exchange='targeted',
-                           routing_key=self.async_queue)
+                           routing_key=self.async_queue, nowait=not wait)
+        if not wait and not done_within(channel, D.REPLY_QUEUE_WAIT):
+            self._stats.reply_queue_late += 1
+            log.warning('async queue %s not confirmed by the broker within %.1fs (a '
+                        'stalled cluster node?)', self.async_queue, D.REPLY_QUEUE_WAIT)
 
     # -- SIP worker side ------------------------------------------------
     def async_query(self, exchange, routing_key, payload, on_reply, on_timeout,

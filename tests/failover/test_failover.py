@@ -11,6 +11,7 @@ from time import monotonic
 import gevent
 import pytest
 
+import kazoo_green.kemi as kemi
 from kazoo_green import KazooError, NotConnected, QueryTimeout
 
 from ..cluster import cluster, running_cluster  # noqa: F401  (fixtures)
@@ -208,19 +209,27 @@ def test_6a_background_connection_notices_a_frozen_node(running_cluster, runtime
     assert detected < 3 * 2 + 1
 
 
+@pytest.mark.parametrize('kind', ['runtime', 'kemi'])
 def test_6b_caller_driven_worker_leaves_a_frozen_node_on_its_next_call(running_cluster,
-                                                                      runtimes):
+                                                                      runtimes, kind):
     """A SIP worker (caller-driven) whose node froze: its query times out, the next call
     moves to another node and is answered within the query timeout.
 
     While the node stays frozen RabbitMQ stalls queue declarations cluster-wide (until
     net_ticktime, 60 s, declares the node down): the reconnect does not wait for its
-    Kazoo-style reply queue longer than REPLY_QUEUE_WAIT, direct reply-to answers."""
+    Kazoo-style reply queue longer than REPLY_QUEUE_WAIT, direct reply-to answers.
+    ``kemi``: the Kamailio runtime, whose SIP workers also declare the instance's async
+    queue on every connect."""
     c = running_cluster
     exchange = unique('fo-callmgr')
     responder = PlainResponder(exchange, 'route.req', 'generic', url=c.url(3))
+    worker = None
     try:
-        worker = runtimes(c.urls, query_timeout=1.0)  # caller-driven
+        if kind == 'kemi':  # not blocking: the responder runs in this process
+            worker = kemi.Kazoo(c.urls, query_timeout=1.0, blocking=False,
+                                node=unique('kgtest') + '@test')
+        else:
+            worker = runtimes(c.urls, query_timeout=1.0)  # caller-driven
         assert worker.query(exchange, 'route.req', {'To': 'a'})['Answer'] == 'a'
         assert node_of(c, worker._pub_link) == 1
         c.freeze(1)
@@ -236,6 +245,8 @@ def test_6b_caller_driven_worker_leaves_a_frozen_node_on_its_next_call(running_c
     finally:
         c.thaw(1)
         responder.close()
+        if kind == 'kemi' and worker is not None:
+            worker.stop(timeout=2)
 
 
 def where(c, link):
