@@ -146,17 +146,14 @@ class BenchKamailio(harness.Kamailio):
         harness.wait_until(lambda: not sip_answers(0.1), 10)
 
 
-def _memory_kb(pid):
-    """(RSS, PSS) of one process in kB. PSS shares each shared page among the processes
-    mapping it, so summed over Kamailio's processes it counts shared memory once."""
-    rss = pss = 0
+def _pss_kb(pid):
+    """PSS of one process in kB: each shared page divided among the processes mapping
+    it, so summed over Kamailio's processes shared memory counts once."""
     with open('/proc/%d/smaps_rollup' % pid) as f:
         for line in f:
-            if line.startswith('Rss:'):
-                rss = int(line.split()[1])
-            elif line.startswith('Pss:'):
-                pss = int(line.split()[1])
-    return rss, pss
+            if line.startswith('Pss:'):
+                return int(line.split()[1])
+    return 0
 
 
 class MemorySampler(object):
@@ -170,14 +167,8 @@ class MemorySampler(object):
 
     def _run(self):
         while not self._stop.is_set():
-            rss = pss = 0
-            for pid in self.kamailio.process_ids():
-                try:
-                    one = _memory_kb(pid)
-                except (OSError, ValueError):
-                    continue  # gone meanwhile
-                rss += one[0]
-                pss += one[1]
+            rss = self.kamailio.rss_kb()
+            pss = self.kamailio._sum_over_processes(_pss_kb)
             self.peak_rss_kb = max(self.peak_rss_kb, rss)
             self.peak_pss_kb = max(self.peak_pss_kb, pss)
             self._stop.wait(0.5)

@@ -435,11 +435,6 @@ class FastPath(object):
                 raise
             view = view[sent:]
 
-    def publish(self, channel_id, exchange, routing_key, body, properties, headers,
-                mandatory):
-        self.send(encode_publish(channel_id, exchange, routing_key, body, properties,
-                                 headers, mandatory, self.frame_max))
-
     def send(self, frames):
         """Write whole frames (e.g. from ``encode_publish``)."""
         self._write(frames)

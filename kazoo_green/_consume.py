@@ -99,14 +99,13 @@ class Subscriber(object):
                 log.error('cannot set up %r: %s; retrying', sub, exc)
                 self._retry_later(sub)
 
-    def _retry_later(self, sub):
+    def _retry_later(self, sub, delay=D.RECONNECT_DELAY):
         if not sub.retrying:
             sub.retrying = True
-            gevent.spawn(self._retry, sub)
+            gevent.spawn(self._retry, sub, delay)
 
-    def _retry(self, sub):
+    def _retry(self, sub, delay):
         """Set ``sub`` up again, backing off, until it works or a new connection does it."""
-        delay = D.RECONNECT_DELAY
         try:
             while True:
                 gevent.sleep(delay)
@@ -117,12 +116,12 @@ class Subscriber(object):
                     link.rpc(self._setup, sub, link._conn)
                 except link.channel_errors as exc:
                     self.stats.setup_errors += 1
-                    delay = min(delay * 2, D.SETUP_RETRY_MAX)
+                    delay = min(max(delay, D.RECONNECT_DELAY) * 2, D.SETUP_RETRY_MAX)
                     log.warning('cannot set up %r: %s; next try in %.1fs', sub, exc, delay)
                 except KazooError:
                     return  # connection lost: the next connect sets it up
                 else:
-                    log.info('%r set up after a retry', sub)
+                    log.info('%r set up again', sub)
                     return
         finally:
             sub.retrying = False
@@ -161,20 +160,7 @@ class Subscriber(object):
             if sub.tag == tag:
                 log.warning('broker cancelled the consumer of %r; declaring it again', sub)
                 sub.channel = None
-                gevent.spawn(self._restore, sub)
-
-    def _restore(self, sub):
-        link = self.link
-        if not link.connected:
-            return  # the next connect sets every subscription up
-        try:
-            link.rpc(self._setup, sub, link._conn)
-        except link.channel_errors as exc:
-            self.stats.setup_errors += 1
-            log.error('cannot restore %r: %s; retrying', sub, exc)
-            self._retry_later(sub)
-        except Exception as exc:
-            log.error('cannot restore %r: %s', sub, exc)
+                self._retry_later(sub, delay=0)
 
     def _down(self, link, exc):
         for sub in self.subscriptions:

@@ -162,9 +162,10 @@ class Publisher(object):
             raise UnknownExchange('exchange %r does not exist: %s' % (exchange, exc)) from None
         self._verified.add(exchange)
 
-    def frames(self, exchange, routing_key, body, headers, props, mandatory):
-        """The bytes of one publish on the plain channel, for :meth:`Link.ask`, or None
-        where the lean path does not apply. The link must be up."""
+    def frames(self, exchange, routing_key, body, headers, props, mandatory, channel=None):
+        """The bytes of one publish on ``channel`` (default: the plain one), or None where
+        the lean path does not apply (not RabbitMQ, or a property it does not encode).
+        Checks the exchange; the link must be up."""
         fast = self.link.fast
         if fast is None or (props and not FAST_PROPERTIES.issuperset(props)):
             return None
@@ -172,22 +173,18 @@ class Publisher(object):
         properties = dict(props) if props else {}
         properties['content_type'] = D.CONTENT_TYPE
         properties['content_encoding'] = 'utf-8'
-        return encode_publish(self.channel.channel_id, exchange, routing_key, body,
-                              properties, headers, mandatory, fast.frame_max)
+        return encode_publish((channel or self.channel).channel_id, exchange, routing_key,
+                              body, properties, headers, mandatory, fast.frame_max)
 
     def _send(self, exchange, routing_key, body, headers, props, mandatory, channel=None):
-        """Write one message; the link must be up. Returns the channel used."""
-        self.verify(exchange)
+        """Write one message; the link must be up."""
         channel = channel or self.channel
         link = self.link
-        fast = link.fast
-        if fast is not None and (not props or FAST_PROPERTIES.issuperset(props)):
-            properties = dict(props) if props else {}
-            properties['content_type'] = D.CONTENT_TYPE
-            properties['content_encoding'] = 'utf-8'
-            link.write(fast.publish, channel.channel_id, exchange, routing_key, body,
-                       properties, headers, mandatory)
+        data = self.frames(exchange, routing_key, body, headers, props, mandatory, channel)
+        if data is not None:
+            link.write(link.fast.send, data)
         else:
+            self.verify(exchange)
             message = channel.prepare_message(body, None, D.CONTENT_TYPE, 'utf-8', headers,
                                               dict(props) if props else None)
             link.write(channel.basic_publish, message, exchange=exchange,

@@ -890,11 +890,7 @@ class Cluster:
             except Exception as exc:  # reported below, after every node was tried
                 errors.append((i, exc))
 
-        threads = [threading.Thread(target=start, args=(i,)) for i in indices]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        _parallel(start, indices)
         if errors:
             raise ClusterError('start_app failed: %s' % errors)
         for i in indices:
