@@ -1,6 +1,6 @@
 """kazoo_green against Kamailio's C modules: same responder, same SIP load, one run.
 
-Five systems, each a Kamailio started from its own config, answer the same INVITE
+Six systems, each a Kamailio started from its own config, answer the same INVITE
 (R-URI user -> query ``callmgr``/``route.req`` -> 302 to ``sip:<user>@127.0.0.1:5090``),
 one at a time, restarted for every measurement (only one can hold 127.0.0.1:5060):
 
@@ -9,6 +9,8 @@ one at a time, restarted for every measurement (only one can hold 127.0.0.1:5060
     c-kazoo     bench/systems/c_kazoo.cfg, the C kazoo module's kazoo_async_query
     c-rabbitmq  bench/systems/c_rabbitmq.cfg, the C rabbitmq module's
                 rabbitmq_publish_consume with direct reply-to
+    py-bound    bench/systems/bound.cfg, kg-sync's routing with a hand-written query (no
+                layers, no error handling): the least a sync query in Python can cost
     floor       bench/systems/floor.cfg, app_python3 answering without any AMQP
 
 All use one examples/responder.py (started here) and the local RabbitMQ. Per system:
@@ -82,6 +84,7 @@ SYSTEMS = collections.OrderedDict((s.name, s) for s in (
            _c_kazoo_ready, 'kazoo'),
     System('c-rabbitmq', os.path.join(SYSTEMS_DIR, 'c_rabbitmq.cfg'), 'benchuser',
            None, 'rabbitmq'),
+    System('py-bound', os.path.join(SYSTEMS_DIR, 'bound.cfg'), 'benchuser', None, None),
     System('floor', os.path.join(SYSTEMS_DIR, 'floor.cfg'), 'benchuser', None, None),
 ))
 SYNC_PROBE = System('c-kazoo-sync', os.path.join(SYSTEMS_DIR, 'c_kazoo_sync.cfg'),

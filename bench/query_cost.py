@@ -12,7 +12,12 @@ sleeps ~4 ms between calls, so every call starts with cold caches). The two alte
 query by query, so both see the same machine. Needs the local RabbitMQ; starts
 examples/responder.py.
 
-    .venv/bin/python bench/query_cost.py [--queries 2000] [--pause 0.004]
+Then the pieces of a query, each timed alone, warm and cold (16 MB touched before each
+call, which evicts the caches as the other processes do between a worker's calls):
+envelope stamping, JSON encoding (kazoo_green's ``dumps``: orjson, against simplejson's
+encoder it used before), frame building, reply decoding, and a call doing nothing.
+
+    .venv/bin/python bench/query_cost.py [--queries 2000] [--pause 0.004] [--pieces 1000]
 """
 
 import argparse
@@ -26,7 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from kazoo_green import Kazoo  # noqa: E402
 from kazoo_green._amqpfast import encode_publish, _poll  # noqa: E402
-from kazoo_green.wire import dumps  # noqa: E402
+from kazoo_green.wire import dumps, loads_payload  # noqa: E402
 from tests.e2e import harness  # noqa: E402
 
 _POLLIN = 1
@@ -42,6 +47,8 @@ def main():
     parser.add_argument('--queries', type=int, default=2000)
     parser.add_argument('--pause', type=float, default=0.004,
                         help='seconds between queries in the paced rounds')
+    parser.add_argument('--pieces', type=int, default=1000,
+                        help='calls per piece in the warm/cold table (0: skip it)')
     args = parser.parse_args()
 
     responder = harness.Responder(os.path.join(tempfile.mkdtemp(prefix='kg-cost-'),
@@ -87,9 +94,54 @@ def main():
                                            per['kazoo_green'],
                                            per['kazoo_green'] - per['bare']))
             sys.stdout.flush()
+        if args.pieces:
+            pieces(kz, args.pieces)
     finally:
         kz.stop()
         responder.stop()
+
+
+def pieces(kz, calls):
+    """CPU per call of each piece of a query, warm and with evicted caches."""
+    import simplejson
+    message = kz._message(request(1))
+    message['Server-ID'] = kz.server_id
+    body = dumps(message)
+    reply = dumps({'Msg-ID': message['Msg-ID'], 'Route': 'sip:user1@127.0.0.1:5090',
+                   'Event-Category': 'route', 'Event-Name': 'resp', 'App-Name': 'responder',
+                   'App-Version': '1', 'Node': 'responder@host'})
+    simplejson_dumps = simplejson.JSONEncoder(separators=(',', ':'), ensure_ascii=False).encode
+    props = {'content_type': 'application/json', 'content_encoding': 'utf-8',
+             'correlation_id': message['Msg-ID'], 'reply_to': 'amq.rabbitmq.reply-to'}
+    frame_max = kz._pub_link.fast.frame_max
+    cases = (
+        ('stamp envelope', lambda: kz._message(request(2))),
+        ('dumps (orjson)', lambda: dumps(message)),
+        ('dumps (simplejson)', lambda: simplejson_dumps(message).encode('utf-8')),
+        ('encode_publish', lambda: encode_publish(1, 'callmgr', 'route.req', body, props,
+                                                  None, True, frame_max)),
+        ('loads_payload', lambda: loads_payload(reply)),
+        ('nothing', lambda: None),
+    )
+    junk = bytearray(16 * 1024 * 1024)
+    zeros = bytes(len(junk) // 64)
+
+    def evict():
+        junk[::64] = zeros   # one write per cache line of 16 MB
+
+    print('\n%-20s %8s %8s   (µs CPU per call)' % ('piece', 'warm', 'cold'))
+    for name, fn in cases:
+        spent = []
+        for cold in (False, True):
+            total = 0.0
+            for _ in range(calls):
+                if cold:
+                    evict()
+                started = time.thread_time()
+                fn()
+                total += time.thread_time() - started
+            spent.append(total / calls * 1e6)
+        print('%-20s %8.1f %8.1f' % (name, spent[0], spent[1]))
 
 
 if __name__ == '__main__':

@@ -65,6 +65,7 @@ _METHODS = {}        # (channel, exchange, routing key, mandatory) -> basic.publ
 _METHODS_MAX = 4096  # routing keys can be many (one per user): a bounded cache
 _Q = Struct('>Q')
 _H = Struct('>H')
+_BYTE = tuple(bytes((n,)) for n in range(256))
 
 
 def _layout(flags):
@@ -119,7 +120,11 @@ def encode_publish(channel_id, exchange, routing_key, body, properties, headers,
     parts = [_HEADER_START.pack(60, 0, len(body), flags)]
     for name, kind in _layout(flags):
         if kind == 's':
-            parts.append(_shortstr(properties[name]))
+            value = properties[name]
+            data = value.encode('utf-8') if isinstance(value, str) else bytes(value)
+            if len(data) > 255:
+                raise ValueError('AMQP short string longer than 255 bytes: %r...' % data[:40])
+            parts += (_BYTE[len(data)], data)
         elif kind == 'B':
             parts.append(bytes((properties[name],)))
         elif kind == 'F':
@@ -165,15 +170,27 @@ def decode_properties(buf, offset, end):
 
 
 class Delivered(object):
-    """A consumed message, with the attributes kazoo_green's callbacks read."""
+    """A consumed message, with the attributes kazoo_green's callbacks read.
 
-    __slots__ = ('body', 'properties', 'delivery_info', 'channel')
+    ``delivery_info`` is decoded from the basic.deliver arguments (``method``) when
+    first read: replies to queries never need it.
+    """
 
-    def __init__(self, body, properties, delivery_info, channel):
+    __slots__ = ('body', 'properties', '_info', '_method', 'channel')
+
+    def __init__(self, body, properties, delivery_info, channel, method=None):
         self.body = body
         self.properties = properties
-        self.delivery_info = delivery_info
+        self._info = delivery_info
+        self._method = method
         self.channel = channel
+
+    @property
+    def delivery_info(self):
+        info = self._info
+        if info is None:
+            info = self._info = FastPath._delivery_info(self._method, 0)
+        return info
 
     @property
     def delivery_tag(self):
@@ -284,6 +301,14 @@ class FastPath(object):
         """Whether a read now would return at once (data buffered or on the socket)."""
         return len(self._buf) - self._pos >= 8 or bool(self._poller.poll(0))
 
+    def ask(self, data, done, deadline):
+        """For a blocking caller that holds both locks: write ``data`` (whole frames),
+        then handle what arrives until ``done()``; socket.timeout at ``deadline``."""
+        self._write(data)
+        self.connection.bytes_sent += 1
+        while not (self._frames() and done()):
+            self._fill(deadline - monotonic())
+
     def drain(self, timeout):
         """Handle every complete frame, reading (up to ``timeout``) until there was one.
 
@@ -312,27 +337,46 @@ class FastPath(object):
     def _whole_delivery(self, channel, start, end):
         """Deliver the message whose basic.deliver method spans ``buf[start:end]`` if its
         header and single body frame are in the buffer too (the usual case), in one pass.
-        Returns False, consuming nothing, when they are not."""
-        header = end + 1
-        found = self._frame_at(header)
-        if found is None or found[:2] != (2, channel):
-            return False
-        header_end = found[2]
+        Returns False, consuming nothing, when they are not (or look wrong: the frame by
+        frame path then reports it)."""
         buf = self._buf
+        size = len(buf)
+        header = end + 1
+        if size - header < 8:
+            return False
+        frame_type, frame_channel, length = _FRAME_HEADER.unpack_from(buf, header)
+        header_end = header + 7 + length
+        if (frame_type != 2 or frame_channel != channel or size <= header_end
+                or buf[header_end] != 0xce):
+            return False
         body_size = _Q.unpack_from(buf, header + 11)[0]
         if body_size:
             body_at = header_end + 1
-            found = self._frame_at(body_at)
-            if found is None or found[:2] != (3, channel) or found[2] - body_at - 7 != body_size:
+            if size - body_at < 8:
                 return False
-            body = bytes(buf[body_at + 7:found[2]])
-            self._pos = found[2] + 1
+            frame_type, frame_channel, length = _FRAME_HEADER.unpack_from(buf, body_at)
+            body_end = body_at + 7 + length
+            if (frame_type != 3 or frame_channel != channel or length != body_size
+                    or size <= body_end or buf[body_end] != 0xce):
+                return False
+            body = bytes(buf[body_at + 7:body_end])
+            self._pos = body_end + 1
         else:
             body = b''
             self._pos = header_end + 1
         self.connection.bytes_recv += 1
-        self._deliver(channel, self._delivery_info(buf, start),
-                      decode_properties(buf, header + 19, header_end), body)
+        properties = decode_properties(buf, header + 19, header_end)
+        channel_obj = self.connection.channels.get(channel)
+        if channel_obj is None:
+            return True
+        n = buf[start + 4]   # the consumer tag: all a reply's callback lookup needs
+        method = bytes(buf[start:end])
+        callback = channel_obj.callbacks.get(method[5:5 + n].decode('utf-8'))
+        if callback is None:
+            channel_obj.basic_reject(self._delivery_info(method, 0)['delivery_tag'],
+                                     requeue=True)
+            return True
+        callback(Delivered(body, properties, None, channel_obj, method))
         return True
 
     def _frame(self, frame_type, channel, payload):

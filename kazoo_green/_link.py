@@ -434,13 +434,26 @@ class Link(object):
         fast = self.fast
         if not (self.blocking and fast is not None and self._reader is None and self.connected):
             return False
-        if not self._wlock.acquire(blocking=False):
+        wlock, rlock = self._wlock, self._rlock
+        if not wlock.acquire(blocking=False):
             return False
         try:
-            return self._read_until(result.ready, lambda: deadline - monotonic(),
-                                    first=lambda: fast.send(data))
+            if not rlock.acquire(blocking=False):
+                return False
+            gen = self.generation
+            self._read_free.clear()
+            try:
+                fast.ask(data, result.ready, deadline)
+            except socket.timeout:
+                pass
+            except self._errors as exc:
+                self.lost(exc, gen)
+            finally:
+                rlock.release()
+                self._read_free.set()
         finally:
-            self._wlock.release()
+            wlock.release()
+        return True
 
     # -- background reader ---------------------------------------------
     def start(self):

@@ -184,11 +184,11 @@ class Kazoo(runtime.Kazoo):
             # make the consumer resume this transaction a second time.
             self._pub_link.ensure(deadline)
             self._publisher.verify(exchange)
-            notice = dumps({'kg-async': msg_id})
-            self._publisher.publish('', self.async_queue, notice, deadline=deadline,
-                                    buffer=False)
-            self._publisher.publish(exchange, routing_key, dumps(message), headers, props,
-                                    deadline=deadline, buffer=False)
+            # Notice first, in the same write: the consumer process must hold the
+            # transaction before the reply can come.
+            self._publisher.send_together((
+                ('', self.async_queue, dumps({'kg-async': msg_id}), None, None, False),
+                (exchange, routing_key, dumps(message), headers, props, False)))
             self._stats.queries += 1
         except KazooError as exc:
             self._stats.queries_failed += 1

@@ -18,13 +18,17 @@ class Floor(object):
             if KSR.tm.t_newtran() < 0:
                 KSR.sl.sl_send_reply(500, 'Server Error')
                 return 1
-            KSR.pv.sets('$ru', 'sip:%s@127.0.0.1:5090' % (KSR.pv.get('$rU') or ''))
-            KSR.tm.t_reply(302, 'Moved Temporarily')
+            self.invite()
         elif method == 'ACK':
             KSR.tm.t_check_trans()
         else:
             KSR.sl.sl_send_reply(501, 'Not Implemented')
         return 1
+
+    def invite(self):
+        """Answer the INVITE (its transaction exists)."""
+        KSR.pv.sets('$ru', 'sip:%s@127.0.0.1:5090' % (KSR.pv.get('$rU') or ''))
+        KSR.tm.t_reply(302, 'Moved Temporarily')
 
 
 def mod_init():

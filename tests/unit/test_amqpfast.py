@@ -2,6 +2,7 @@
 
 import socket
 from collections import defaultdict
+from time import monotonic
 
 import amqp
 import pytest
@@ -149,13 +150,19 @@ def deliver_frames(channel_id, tag, delivery_tag, body, properties, exchange='ex
     return b''.join(conn.transport.written)
 
 
+def consumer_on_channel_1():
+    """A connection whose channel 1 has consumer ``t1``; returns it and the list its
+    deliveries go to."""
+    conn = FakeConnection()
+    conn.channels[1] = FakeChannel()
+    got = []
+    conn.channels[1].callbacks['t1'] = got.append
+    return conn, got
+
+
 @pytest.mark.parametrize('split', [1, 3, 7, 50, 100000])
 def test_deliveries_are_parsed_from_any_split(split):
-    conn = FakeConnection()
-    channel = FakeChannel()
-    conn.channels[1] = channel
-    got = []
-    channel.callbacks['t1'] = got.append
+    conn, got = consumer_on_channel_1()
     stream = (deliver_frames(1, 't1', 5, b'{"a": 1}', {'correlation_id': 'c1',
                                                       'application_headers': {'x': 'y'}})
               + deliver_frames(1, 't1', 6, b'', {}, redelivered=True)
@@ -176,6 +183,24 @@ def test_deliveries_are_parsed_from_any_split(split):
     assert got[0].delivery_info['routing_key'] == 'rk'
     assert len(got[2].body) == 10000
     assert conn.bytes_recv > 0
+
+
+@pytest.mark.parametrize('split', [1, 5, 100000])
+def test_ask_writes_then_reads_until_done(split):
+    conn, got = consumer_on_channel_1()
+    stream = (b'\x08\x00\x00\x00\x00\x00\x00\xce'  # a heartbeat first: not what we wait for
+              + deliver_frames(1, 't1', 3, b'{"a": 1}', {'correlation_id': 'c1'}))
+    conn.transport.sock.chunks = [stream[i:i + split] for i in range(0, len(stream), split)]
+    fast = make_fast(conn)
+    fast.ask(b'request frames', lambda: bool(got), monotonic() + 1)
+    assert conn.transport.written == [b'request frames']
+    assert conn.bytes_sent == 1
+    assert [(m.body, m.properties['correlation_id'], m.delivery_tag) for m in got] == [
+        (b'{"a": 1}', 'c1', 3)]
+    assert got[0].delivery_info['exchange'] == 'ex'   # decoded when first read
+    with pytest.raises(socket.timeout):              # nothing more comes
+        fast.ask(b'again', lambda: False, monotonic() + 0.01)
+    assert conn.transport.written[-1] == b'again'
 
 
 def test_other_frames_go_to_py_amqp_and_unknown_consumers_are_requeued():

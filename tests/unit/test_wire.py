@@ -1,9 +1,13 @@
 """Routing-key escaping, JSON paths, payload decoding and route names (no broker)."""
 
+import collections
+import decimal
+
 import pytest
+import simplejson
 
 from kazoo_green import BadMessage, InvalidPayload, encode, json_path
-from kazoo_green.wire import loads_payload, route_names, stamp, to_payload
+from kazoo_green.wire import dumps, loads_payload, route_names, stamp, to_payload
 
 
 @pytest.mark.parametrize('text, expected', [
@@ -67,6 +71,10 @@ def test_json_path_rejects_malformed_path():
     (b'[1, 2]', 'JSON is not an object'),
     (b'"text"', 'JSON is not an object'),
     (b'\xff\xfe{}', 'invalid UTF-8'),
+    (b'{"a": 1} trailing', 'not JSON'),
+    (b'{"a": 1}{"b": 2}', 'not JSON'),
+    (b'{"a": 1', 'not JSON'),
+    (b'{"a": NaN}', 'not JSON'),
 ])
 def test_loads_payload_bad_input(body, reason):
     with pytest.raises(BadMessage) as info:
@@ -77,6 +85,30 @@ def test_loads_payload_bad_input(body, reason):
 def test_loads_payload_good():
     assert loads_payload(b'{"a": "\xc3\xa9"}') == {'a': 'é'}
     assert loads_payload('{"a": 1}') == {'a': 1}
+    # whitespace around the object, either side (two parsing paths)
+    assert loads_payload(b'  {"a": [1, {"b": null}]}\r\n') == {'a': [1, {'b': None}]}
+    assert loads_payload(b'{"a": true}  \n') == {'a': True}
+    # integers beyond 64 bits stay exact
+    assert loads_payload(b'{"n": 123456789012345678901234567890}')['n'] == \
+        123456789012345678901234567890
+
+
+@pytest.mark.parametrize('payload', [
+    {'Event-Category': 'route', 'To': 'é', 'n': [1, 2.5, None, True, {'x': '"\\\n'}]},
+    {'big': 2 ** 70},                      # beyond orjson: simplejson writes it
+    {1: 'int key', None: 'null key'},      # non-string keys, as simplejson writes them
+    {'d': decimal.Decimal('1.10')},
+    collections.OrderedDict([('b', 1), ('a', 2)]),
+])
+def test_dumps_writes_what_simplejson_reads_back(payload):
+    body = dumps(payload)
+    assert isinstance(body, bytes)
+    assert loads_payload(body) == simplejson.loads(simplejson.dumps(payload))
+    assert b' ' not in body.replace(b'int key', b'').replace(b'null key', b'')
+
+
+def test_dumps_is_compact_utf8_in_key_order():
+    assert dumps({'b': 'é', 'a': [1, None]}) == '{"b":"é","a":[1,null]}'.encode('utf-8')
 
 
 @pytest.mark.parametrize('payload', ['{bad', '[1]', '3', 42, None, b'\xff'])
