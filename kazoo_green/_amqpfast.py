@@ -306,8 +306,14 @@ class FastPath(object):
         then handle what arrives until ``done()``; socket.timeout at ``deadline``."""
         self._write(data)
         self.connection.bytes_sent += 1
-        while not (self._frames() and done()):
-            self._fill(deadline - monotonic())
+        # Whole frames are buffered only if a py-amqp read (one frame at a time) left them.
+        buffered = len(self._buf) - self._pos >= 8
+        while True:
+            if not buffered:
+                self._fill(deadline - monotonic())
+            buffered = False
+            if self._frames() and done():
+                return
 
     def drain(self, timeout):
         """Handle every complete frame, reading (up to ``timeout``) until there was one.
