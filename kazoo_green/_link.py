@@ -286,19 +286,16 @@ class Link(object):
         fast = self.fast
         self._read_until(lambda: not fast.has_pending(), lambda: self.poll_interval)
 
-    def _read_until(self, done, time_left, first=None):
+    def _read_until(self, done, time_left):
         """Be the reader until ``done()``, or ``time_left()`` is spent, or the link dies.
 
-        Returns False at once if another greenlet is reading the socket. ``first``: a
-        write to make once the socket is ours (see :meth:`ask`).
+        Returns False at once if another greenlet is reading the socket.
         """
         if not self._rlock.acquire(blocking=False):
             return False
         gen = self.generation
         self._read_free.clear()
         try:
-            if first is not None:
-                first()
             while not done() and self.connected and gen == self.generation:
                 timeout = time_left()
                 if timeout <= 0:
