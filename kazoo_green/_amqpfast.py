@@ -80,7 +80,7 @@ def _shortstr(value):
     data = value.encode('utf-8') if isinstance(value, str) else bytes(value)
     if len(data) > 255:
         raise ValueError('AMQP short string longer than 255 bytes: %r...' % data[:40])
-    return bytes((len(data),)) + data
+    return _BYTE[len(data)] + data
 
 
 def _frame(frame_type, channel_id, payload):
@@ -120,11 +120,7 @@ def encode_publish(channel_id, exchange, routing_key, body, properties, headers,
     parts = [_HEADER_START.pack(60, 0, len(body), flags)]
     for name, kind in _layout(flags):
         if kind == 's':
-            value = properties[name]
-            data = value.encode('utf-8') if isinstance(value, str) else bytes(value)
-            if len(data) > 255:
-                raise ValueError('AMQP short string longer than 255 bytes: %r...' % data[:40])
-            parts += (_BYTE[len(data)], data)
+            parts.append(_shortstr(properties[name]))
         elif kind == 'B':
             parts.append(bytes((properties[name],)))
         elif kind == 'F':
@@ -204,7 +200,7 @@ class Delivered(object):
 class _Pending(object):
     """A delivery whose content frames are still arriving."""
 
-    __slots__ = ('info', 'properties', 'size', 'chunks', 'got')
+    __slots__ = ('method', 'properties', 'size', 'chunks', 'got')
 
 
 class FastPath(object):
@@ -371,18 +367,8 @@ class FastPath(object):
             body = b''
             self._pos = header_end + 1
         self.connection.bytes_recv += 1
-        properties = decode_properties(buf, header + 19, header_end)
-        channel_obj = self.connection.channels.get(channel)
-        if channel_obj is None:
-            return True
-        n = buf[start + 4]   # the consumer tag: all a reply's callback lookup needs
-        method = bytes(buf[start:end])
-        callback = channel_obj.callbacks.get(method[5:5 + n].decode('utf-8'))
-        if callback is None:
-            channel_obj.basic_reject(self._delivery_info(method, 0)['delivery_tag'],
-                                     requeue=True)
-            return True
-        callback(Delivered(body, properties, None, channel_obj, method))
+        self._deliver(channel, bytes(buf[start:end]),
+                      decode_properties(buf, header + 19, header_end), body)
         return True
 
     def _frame(self, frame_type, channel, payload):
@@ -434,7 +420,7 @@ class FastPath(object):
 
     def _deliver_method(self, channel, payload):
         pending = _Pending()
-        pending.info = self._delivery_info(payload, 0)
+        pending.method = payload
         pending.properties = None
         pending.size = -1
         pending.chunks = []
@@ -443,18 +429,21 @@ class FastPath(object):
 
     def _complete(self, channel_id, pending, body):
         del self._pending[channel_id]
-        self._deliver(channel_id, pending.info, pending.properties, body)
+        self._deliver(channel_id, pending.method, pending.properties, body)
 
-    def _deliver(self, channel_id, info, properties, body):
+    def _deliver(self, channel_id, method, properties, body):
+        """Hand a complete message to its consumer's callback; ``method`` is the
+        basic.deliver payload (only the consumer tag is decoded here)."""
         channel = self.connection.channels.get(channel_id)
         if channel is None:
             return
-        callback = channel.callbacks.get(info['consumer_tag'])
+        n = method[4]
+        callback = channel.callbacks.get(method[5:5 + n].decode('utf-8'))
         if callback is None:
             # As py-amqp does: nobody consumes with that tag (any more): give it back.
-            channel.basic_reject(info['delivery_tag'], requeue=True)
+            channel.basic_reject(self._delivery_info(method, 0)['delivery_tag'], requeue=True)
             return
-        callback(Delivered(body, properties, info, channel))
+        callback(Delivered(body, properties, None, channel, method))
 
     # -- writing --------------------------------------------------------
     def _write(self, data):

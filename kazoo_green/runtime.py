@@ -88,8 +88,7 @@ class Kazoo(object):
 
     # -- sending --------------------------------------------------------
     def _message(self, payload):
-        message = dict(payload) if type(payload) is dict else to_payload(payload)
-        return stamp(message, self.app_name, self.app_version, self.node)
+        return stamp(to_payload(payload), self.app_name, self.app_version, self.node)
 
     def publish(self, exchange, routing_key, payload, headers=None, confirm=False,
                 mandatory=False, persistent=False, timeout=None, properties=None):

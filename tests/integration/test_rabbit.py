@@ -28,11 +28,27 @@ def event(category, name, **fields):
     return payload
 
 
+class Cleanup(tuple):
+    """(queues, exchanges): names to delete after the test; ``queue(prefix)`` and
+    ``exchange(prefix)`` make a unique name and list it."""
+
+    def __new__(cls):
+        return tuple.__new__(cls, ([], []))
+
+    def queue(self, prefix):
+        self[0].append(unique(prefix))
+        return self[0][-1]
+
+    def exchange(self, prefix):
+        self[1].append(unique(prefix))
+        return self[1][-1]
+
+
 @pytest.fixture
 def cleanup():
-    """Names of queues/exchanges to delete after the test."""
-    queues, exchanges = [], []
-    yield queues, exchanges
+    """Names of queues/exchanges to delete after the test (a Cleanup)."""
+    queues, exchanges = names = Cleanup()
+    yield names
     for q in queues:
         rabbitmqctl('delete_queue', q, check=False)
     for e in exchanges:
@@ -279,14 +295,11 @@ def _raw_publish(exchange, routing_key, body):
 
 
 def test_quorum_queue_subscription(runtimes, cleanup):
-    queues, _ = cleanup
-    queue = unique('quorum')
-    queues.append(queue)
+    queue = cleanup.queue('quorum')
     kz = runtimes(RABBIT_URL)
     seen = []
     kz.add_route('kazoo:consumer-event-a', lambda p, m: seen.append(p['n']))
-    exchange = unique('ex')
-    cleanup[1].append(exchange)
+    exchange = cleanup.exchange('ex')
     kz.subscribe(exchange, 'q.*', queue=queue, exchange_type='topic', durable=True,
                  auto_delete=False, queue_arguments={'x-queue-type': 'quorum'})
     kz.start()
@@ -324,9 +337,7 @@ def test_subscription_the_broker_refuses_is_retried_until_it_works(runtimes, cle
     yet; after a node died: its queue not yet cleaned up) is retried with back-off, not
     given up until the next reconnect."""
     import amqp
-    queues, _ = cleanup
-    queue = unique('kgt-later')
-    queues.append(queue)
+    queue = cleanup.queue('kgt-later')
     kz = runtimes(RABBIT_URL)
     got = []
     kz.add_route('kazoo:consumer-event-later-x', lambda payload, meta: got.append(payload['n']))
