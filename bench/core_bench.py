@@ -1070,7 +1070,7 @@ def main(argv=None):
     bench = Bench(args)
     sizes = {
         'kazoo_green publish body': len(kazoo_green.wire.dumps(kazoo_green.wire.stamp(
-            dict(bench.pub_payload), APP_NAME, APP_VERSION, NODE))),
+            bench.pub_payload, APP_NAME, APP_VERSION, NODE))),
         'plain publish body (kombu json)': len(
             kombu.utils.json.dumps(envelope(bench.pub_payload))),
         'event body': len(json.dumps(envelope(bench.ev_payload), separators=(',', ':'))),

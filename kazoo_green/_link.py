@@ -101,7 +101,8 @@ class Link(object):
         self._lost_once = False
         self._probe_at = None
         self._probe_mark = 0
-        self._errors = ()
+        #: Exceptions that mean the connection is broken (set per connection).
+        self.errors = ()
         self._channel_errors = ()
 
     # -- configuration --------------------------------------------------
@@ -157,7 +158,7 @@ class Link(object):
             heartbeat=self.heartbeat if self._reader is not None else 0,
             transport_options=opts,
         )
-        self._errors = tuple(conn.connection_errors) + tuple(conn.channel_errors) + (OSError,)
+        self.errors = tuple(conn.connection_errors) + tuple(conn.channel_errors) + (OSError,)
         self._channel_errors = tuple(conn.channel_errors)
         return conn
 
@@ -304,7 +305,7 @@ class Link(object):
                     self._drain(timeout)
                 except socket.timeout:
                     break
-        except self._errors as exc:
+        except self.errors as exc:
             self.lost(exc, gen)
         finally:
             self._rlock.release()
@@ -368,7 +369,7 @@ class Link(object):
         try:
             with self._wlock:
                 return fn(*args, **kwargs)
-        except self._errors as exc:
+        except self.errors as exc:
             self.lost(exc, gen)
             raise ConnectionLost('%s link: %s' % (self.name, exc)) from exc
 
@@ -393,7 +394,7 @@ class Link(object):
                 return fn(*args, **kwargs)
             except self._channel_errors:
                 raise
-            except self._errors as exc:
+            except self.errors as exc:
                 self.lost(exc, gen)
                 raise ConnectionLost('%s link: %s' % (self.name, exc)) from exc
             finally:
@@ -418,39 +419,23 @@ class Link(object):
                 gevent.wait([result, self._read_free], count=1, timeout=remaining)
         return result.ready()
 
-    def ask(self, data, result, deadline):
-        """Write ``data`` (whole frames) and read until ``result`` is ready or ``deadline``.
+    def lane(self):
+        """The FastPath a blocking caller may write to and read from at once (see
+        ``FastPath.ask``), or None when the general path (``ensure``, ``write``,
+        ``wait``) must run instead: not a blocking caller-driven link, not connected
+        in this process, a probe out, another greenlet holding the write or read lock
+        (it waits somewhere), or broker data unread (it may say the connection closed).
 
-        The shortcut of a blocking caller-driven link (Kamailio's SIP workers: no other
-        greenlet runs while this one waits in poll(2)): one pass instead of a write and
-        a wait. Returns False, having written nothing, when it does not apply (a
-        background reader, not connected, another greenlet writing or reading); the
-        caller then uses :meth:`write` and :meth:`wait`. A lost connection fails
-        ``result`` through the on-down callbacks, as in :meth:`wait`.
+        A blocking FastPath waits in poll(2), never in gevent's hub, so no other
+        greenlet runs until the caller is done with it: no lock is taken (gevent's
+        locks and events are cold code in a SIP worker, ~25 µs a query).
         """
         fast = self.fast
-        if not (self.blocking and fast is not None and self._reader is None and self.connected):
-            return False
-        wlock, rlock = self._wlock, self._rlock
-        if not wlock.acquire(blocking=False):
-            return False
-        try:
-            if not rlock.acquire(blocking=False):
-                return False
-            gen = self.generation
-            self._read_free.clear()
-            try:
-                fast.ask(data, result.ready, deadline)
-            except socket.timeout:
-                pass
-            except self._errors as exc:
-                self.lost(exc, gen)
-            finally:
-                rlock.release()
-                self._read_free.set()
-        finally:
-            wlock.release()
-        return True
+        if (fast is None or not fast.blocking or not self.connected or self._reader is not None
+                or self._pid != current_pid() or self._probe_at is not None
+                or self._wlock._count or self._rlock._count or fast.has_pending()):
+            return None
+        return fast
 
     # -- background reader ---------------------------------------------
     def start(self):
@@ -516,7 +501,7 @@ class Link(object):
                         # the connection dead meanwhile.
                         if gen == self.generation and self.connected:
                             conn.transport.heartbeat_check(self._raw, rate=2)
-            except self._errors as exc:
+            except self.errors as exc:
                 self.lost(exc, gen)
                 continue
             except gevent.GreenletExit:

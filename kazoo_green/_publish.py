@@ -38,7 +38,7 @@ class Publisher(object):
         self._confirm = None
         self._confirms = {}
         self._seq = 0
-        self._verified = set()
+        self.verified = set()
         self._buffer = deque()
         link.add_up_hook(self._setup)
         link.on_up(self._flush)
@@ -50,7 +50,7 @@ class Publisher(object):
 
     # -- connection life ------------------------------------------------
     def _setup(self, conn):
-        self._verified = set()
+        self.verified = set()
         self.channel = conn.channel()
         self._probe = conn.channel()
         self._confirm = None
@@ -152,7 +152,7 @@ class Publisher(object):
 
     def verify(self, exchange):
         """Raise UnknownExchange unless ``exchange`` exists (cached per connection)."""
-        if not exchange or exchange in self._verified or exchange.startswith('amq.'):
+        if not exchange or exchange in self.verified or exchange.startswith('amq.'):
             return
         probe = self._probe
         try:
@@ -160,7 +160,7 @@ class Publisher(object):
                           passive=True)
         except self.link.channel_errors as exc:
             raise UnknownExchange('exchange %r does not exist: %s' % (exchange, exc)) from None
-        self._verified.add(exchange)
+        self.verified.add(exchange)
 
     def frames(self, exchange, routing_key, body, headers, props, mandatory, channel=None):
         """The bytes of one publish on ``channel`` (default: the plain one), or None where

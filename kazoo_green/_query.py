@@ -9,12 +9,41 @@ from amqp import spec
 from gevent.event import AsyncResult
 
 from . import _defaults as D
+from ._amqpfast import Delivered, decode_properties, encode_request
 from .errors import BadMessage, ConnectionLost, KazooError, QueryFailed, QueryTimeout, Unroutable
-from .wire import current_pid, dumps, loads_payload
+from .wire import _orjson_dumps, current_pid, dumps, loads_payload
 
 __all__ = ['ReplyWaiter', 'done_within']
 
 log = logging.getLogger('kazoo_green')
+
+
+#: The consumer tags of the reply queues (basic.consume on direct reply-to, and on
+#: the Kazoo-style queue) as AMQP short strings; FastPath.ask returns their messages
+#: undispatched.
+_REPLY_TAGS = (b'\x0bkg-reply-to', b'\x0bkg-targeted')
+
+
+class _Waiting(object):
+    """A blocking query's outcome, set by the reply, a return or a lost connection:
+    the part of AsyncResult's API that code filling results uses, without gevent
+    (its cold code costs a SIP worker more than this)."""
+
+    value = error = None   # class defaults: made without calling an __init__
+
+    def ready(self):
+        return self.value is not None or self.error is not None
+
+    def set(self, value):
+        self.value = value
+
+    def set_exception(self, error):
+        self.error = error
+
+    def get(self, block=False):
+        if self.error is not None:
+            raise self.error
+        return self.value
 
 
 class ReplyWaiter(object):
@@ -165,6 +194,10 @@ class ReplyWaiter(object):
             raise KazooError('a query with Msg-ID %r is already waiting' % (msg_id,))
         link = self.link
         self.stats.queries += 1
+        fast = link.lane() if link.blocking else None
+        if fast is not None:
+            return self._ask(fast, exchange, routing_key, payload, timeout, headers,
+                             mandatory, deadline, msg_id)
         try:
             # Connected before this query waits: a reconnect fails waiting queries, and
             # the reply queue's name and use_reply_to are known then.
@@ -179,32 +212,87 @@ class ReplyWaiter(object):
             props = {'correlation_id': msg_id}
             if self.use_reply_to:
                 props['reply_to'] = D.DIRECT_REPLY_TO
+            try:
+                self.publisher.publish(exchange, routing_key, dumps(payload), headers, props,
+                                       mandatory=mandatory and link.supports_amqp,
+                                       deadline=deadline, buffer=False, ensured=True)
+            except KazooError:
+                self.stats.queries_failed += 1
+                raise
+            link.wait(result, deadline)
+            return self._outcome(result, exchange, routing_key, timeout, msg_id)
+        finally:
+            self._pending.pop(msg_id, None)
+
+    def _ask(self, fast, exchange, routing_key, payload, timeout, headers, mandatory,
+             deadline, msg_id):
+        """``query`` on a blocking link's lane (Kamailio's SIP workers): the request is
+        written and its reply read in one flat pass (see ``FastPath.ask``); a reply whose
+        body carries this query's Msg-ID is taken without decoding its properties."""
+        publisher = self.publisher
+        if exchange not in publisher.verified:
+            try:
+                publisher.verify(exchange)
+            except KazooError:
+                self.stats.queries_failed += 1
+                raise
+        # Connected in this process (Link.lane), so _setup named the reply queue here.
+        payload['Server-ID'] = self._server_id
+        try:
+            body = _orjson_dumps(payload)   # what dumps() does first, one call less
+        except TypeError:
             body = dumps(payload)
-            mandatory = mandatory and link.supports_amqp
-            # Blocking caller-driven (SIP workers): write and read in one pass.
-            frames = self.publisher.frames(exchange, routing_key, body, headers, props,
-                                           mandatory) if link.blocking else None
-            if frames is not None and link.ask(frames, result, deadline):
-                self.stats.published += 1
-            else:
-                self.publisher.publish(exchange, routing_key, body, headers, props,
-                                       mandatory=mandatory, deadline=deadline, buffer=False,
-                                       ensured=True)
-                link.wait(result, deadline)
-            if not result.ready():
-                self.stats.queries_timeout += 1
-                # Caller-driven: a silent timeout may be a frozen broker; check it.
-                link.send_probe(self.publisher.send_probe)
-                raise QueryTimeout('no reply from %r/%r within %.3fs (Msg-ID %s)'
-                                   % (exchange, routing_key, timeout, msg_id))
+        data = encode_request(publisher.channel.channel_id, exchange, routing_key,
+                              body, msg_id,
+                              D.DIRECT_REPLY_TO if self.use_reply_to else None, headers,
+                              mandatory, fast.frame_max)
+        waiting = _Waiting()
+        self._pending[msg_id] = waiting
+        link = self.link
+        gen = link.generation
+        try:
+            try:
+                got = fast.ask(data, deadline, waiting.ready, _REPLY_TAGS)
+            except socket.timeout:
+                self.stats.published += 1   # written: only reads time out
+                raise
+            self.stats.published += 1
+            while got is not None:
+                method, header, body = got
+                try:
+                    reply = loads_payload(body)
+                except BadMessage:
+                    reply = None
+                if reply is not None and reply.get('Msg-ID') == msg_id:
+                    self.stats.queries_ok += 1
+                    return reply
+                # Not this query's, or not JSON: as the consumer callback would.
+                self._on_reply(Delivered(body, decode_properties(header, 12, len(header)),
+                                         None, None, method))
+                if waiting.ready():
+                    break
+                got = fast.ask(None, deadline, waiting.ready, _REPLY_TAGS)
+        except socket.timeout:
+            pass
+        except link.errors as exc:
+            link.lost(exc, gen)   # fails ``waiting`` (_down)
+        finally:
+            self._pending.pop(msg_id, None)
+        return self._outcome(waiting, exchange, routing_key, timeout, msg_id)
+
+    def _outcome(self, result, exchange, routing_key, timeout, msg_id):
+        """The reply in ``result``, or the query's error (counted)."""
+        if not result.ready():
+            self.stats.queries_timeout += 1
+            # Caller-driven: a silent timeout may be a frozen broker; check it.
+            self.link.send_probe(self.publisher.send_probe)
+            raise QueryTimeout('no reply from %r/%r within %.3fs (Msg-ID %s)'
+                               % (exchange, routing_key, timeout, msg_id))
+        try:
             reply = result.get(block=False)
-        except QueryTimeout:
-            raise
         except KazooError:
             self.stats.queries_failed += 1
             raise
-        finally:
-            self._pending.pop(msg_id, None)
         self.stats.queries_ok += 1
         return reply
 

@@ -88,7 +88,7 @@ class Kazoo(object):
 
     # -- sending --------------------------------------------------------
     def _message(self, payload):
-        return stamp(to_payload(payload), self.app_name, self.app_version, self.node)
+        return stamp(payload, self.app_name, self.app_version, self.node)
 
     def publish(self, exchange, routing_key, payload, headers=None, confirm=False,
                 mandatory=False, persistent=False, timeout=None, properties=None):
@@ -134,7 +134,7 @@ class Kazoo(object):
         broker had no queue for it, ConnectionLost/NotConnected when the
         broker went away, UnknownExchange for a missing exchange.
         """
-        message = self._message(payload)
+        message = stamp(payload, self.app_name, self.app_version, self.node)
         return self._replies.query(exchange, routing_key, message,
                                    timeout or self.query_timeout, headers, mandatory)
 

@@ -3,7 +3,9 @@
 ``style='kazoo'`` answers the Kazoo way only: exchange ``targeted``, routing key
 ``Server-ID``, ``Msg-ID`` copied into the body; AMQP properties are ignored.
 ``style='generic'`` answers the generic AMQP way only: ``reply_to`` with the
-request's ``correlation_id``; the body carries no ``Msg-ID``.
+request's ``correlation_id``; the body carries no ``Msg-ID``. ``style='bad'`` answers
+as 'generic' with a body that is not JSON. A request with AMQP headers gets them back
+in ``Headers``.
 """
 
 import socket
@@ -61,7 +63,13 @@ class PlainResponder(object):
 
     def _answer(self, request, props):
         body = {'Answer': request.get('To'), 'Style': self.style}
-        if self.style == 'kazoo':
+        if props.get('application_headers'):
+            body['Headers'] = props['application_headers']
+        if self.style == 'bad':
+            msg = amqp.Message(b'{not json', content_type='application/json',
+                               correlation_id=props['correlation_id'])
+            exchange, key = '', props['reply_to']
+        elif self.style == 'kazoo':
             body['Msg-ID'] = request['Msg-ID']
             msg = amqp.Message(simplejson.dumps(body), content_type='application/json')
             exchange, key = 'targeted', request['Server-ID']

@@ -11,7 +11,7 @@ import gevent
 import pytest
 
 from kazoo_green import (
-    ConnectionLost, KazooError, QueryTimeout, UnknownExchange, Unroutable,
+    ConnectionLost, KazooError, QueryFailed, QueryTimeout, UnknownExchange, Unroutable,
 )
 
 from ..conftest import (
@@ -171,14 +171,18 @@ def process_responder():
 @pytest.mark.parametrize('style', ['kazoo', 'generic'])
 def test_blocking_caller_queries_write_and_read_in_one_pass(runtimes, process_responder,
                                                            style):
-    """blocking=True (Kamailio's SIP workers): replies, timeouts, returns and a connection
-    closed by the broker between two calls, all through Link.ask."""
+    """blocking=True (Kamailio's SIP workers): replies (matched by the body's Msg-ID or,
+    without one, by correlation_id), headers, timeouts, returns and a connection closed
+    by the broker between two calls, all through the lane (FastPath.ask)."""
     exchange = unique('callmgr')
     process_responder(exchange, style)
     kz = runtimes(RABBIT_URL, blocking=True, query_timeout=1.0)
-    for i in range(200):
+    for i in range(199):
         reply = kz.query(exchange, 'route.req', event('route', 'req', To='u%d' % i))
         assert reply['Answer'] == 'u%d' % i and reply['Style'] == style
+    reply = kz.query(exchange, 'route.req', event('route', 'req', To='h'),
+                     headers={'X-Trace': 'abc', 'N': 7})
+    assert reply['Headers'] == {'X-Trace': 'abc', 'N': 7}
     with pytest.raises(Unroutable):
         kz.query(exchange, 'nobody.listens', event('route', 'req'))
     started = monotonic()
@@ -192,6 +196,27 @@ def test_blocking_caller_queries_write_and_read_in_one_pass(runtimes, process_re
     stats = kz.stats()
     assert stats['queries_ok'] == 201 and stats['pending_queries'] == 0
     assert stats['published'] == 203 and stats['reconnects'] == 1
+
+
+def test_blocking_caller_late_and_bad_replies(runtimes, process_responder):
+    """In the lane: a reply that comes after its query timed out is counted and skipped
+    by the next query; a reply that is not JSON fails its query with QueryFailed."""
+    slow = unique('callmgr')
+    process_responder(slow, 'kazoo', delay=0.4)
+    kz = runtimes(RABBIT_URL, blocking=True, query_timeout=2.0)
+    with pytest.raises(QueryTimeout):
+        kz.query(slow, 'route.req', event('route', 'req', To='late'), timeout=0.1)
+    gevent.sleep(0.5)   # the late reply is on the socket before the next query's
+    assert kz.query(slow, 'route.req', event('route', 'req', To='next'))['Answer'] == 'next'
+    assert kz.stats()['replies_unmatched'] == 1
+    bad = unique('callmgr')
+    process_responder(bad, 'bad')
+    with pytest.raises(QueryFailed):
+        kz.query(bad, 'route.req', event('route', 'req', To='x'))
+    stats = kz.stats()
+    assert stats['bad_input'] == 1 and stats['queries_failed'] == 1
+    assert stats['queries_ok'] == 1 and stats['queries_timeout'] == 1
+    assert stats['pending_queries'] == 0 and stats['connection_errors'] == 0
 
 
 def test_one_reply_queue_per_process(runtimes, responder):

@@ -8,7 +8,8 @@ import amqp
 import pytest
 from amqp.method_framing import frame_handler, frame_writer
 
-from kazoo_green._amqpfast import Delivered, FastPath, encode_publish
+from kazoo_green._amqpfast import (Delivered, FastPath, decode_properties, encode_publish,
+                                   encode_request)
 
 
 class FakeConnection(object):
@@ -100,6 +101,31 @@ def test_large_body_is_split_like_py_amqp():
     assert encode_publish(*case, frame_max=4096) == pyamqp_publish_bytes(4096, *case)
 
 
+@pytest.mark.parametrize('body,correlation_id,reply_to,headers,frame_max', [
+    (b'{"a":1}', 'd7c2f6a4-3b5e-4e8a-9c1d-2f0e6b7a8c9d', 'amq.rabbitmq.reply-to', None,
+     131072),
+    (b'{"a":1}', 'm1', None, None, 131072),
+    (b'{"\xc3\xa9":1}', '\u00e9' * 3, 'q', None, 131072),
+    (b'{"a":1}', 'm1', 'q', {'h': 'v', 'n': 2}, 131072),   # headers: the general path
+    (b'x' * 5000, 'm1', 'q', None, 4096),    # split in body frames: the general path
+    (b'', 'm1', 'q', None, 131072),          # no body frame
+    (b'{}', 'c' * 256, 'q', None, 131072),   # too long: encode_publish raises
+])
+def test_request_frames_are_encode_publishs(body, correlation_id, reply_to, headers,
+                                            frame_max):
+    props = {'content_type': 'application/json', 'content_encoding': 'utf-8',
+             'correlation_id': correlation_id, 'reply_to': reply_to}
+    args = (3, 'callmgr', 'route.req', body)
+    if len(correlation_id) > 255:
+        with pytest.raises(ValueError):
+            encode_request(*args, correlation_id, reply_to, headers, True, frame_max)
+        return
+    assert encode_request(*args, correlation_id, reply_to, headers, True, frame_max) == \
+        encode_publish(*args, props, headers, True, frame_max) == \
+        pyamqp_publish_bytes(frame_max, *args, dict((k, v) for k, v in props.items() if v),
+                             headers, True)
+
+
 def test_short_strings_are_bounded():
     with pytest.raises(ValueError):
         encode_publish(1, 'x' * 256, 'k', b'', {}, None, False, 131072)
@@ -185,22 +211,46 @@ def test_deliveries_are_parsed_from_any_split(split):
     assert conn.bytes_recv > 0
 
 
-@pytest.mark.parametrize('split', [1, 5, 100000])
-def test_ask_writes_then_reads_until_done(split):
+def test_ask_writes_then_returns_the_awaited_message_undispatched():
     conn, got = consumer_on_channel_1()
-    stream = (b'\x08\x00\x00\x00\x00\x00\x00\xce'  # a heartbeat first: not what we wait for
-              + deliver_frames(1, 't1', 3, b'{"a": 1}', {'correlation_id': 'c1'}))
-    conn.transport.sock.chunks = [stream[i:i + split] for i in range(0, len(stream), split)]
+    reply = deliver_frames(1, 't1', 3, b'{"a": 1}', {'correlation_id': 'c1'})
+    conn.transport.sock.chunks = [b'\x08\x00\x00\x00\x00\x00\x00\xce' + reply]  # heartbeat first
     fast = make_fast(conn)
-    fast.ask(b'request frames', lambda: bool(got), monotonic() + 1)
+    method, header, body = fast.ask(b'request frames', monotonic() + 1, lambda: False,
+                                    (b'\x02t1',))
     assert conn.transport.written == [b'request frames']
     assert conn.bytes_sent == 1
+    assert got == []                      # not given to the consumer's callback
+    assert body == b'{"a": 1}'
+    assert Delivered(body, decode_properties(header, 12, len(header)), None, None,
+                     method).delivery_info['delivery_tag'] == 3
+    assert decode_properties(header, 12, len(header))['correlation_id'] == 'c1'
+    with pytest.raises(socket.timeout):   # nothing more comes
+        fast.ask(b'again', monotonic() + 0.01, lambda: False, (b'\x02t1',))
+    assert conn.transport.written[-1] == b'again'
+
+
+def test_ask_dispatches_other_consumers_messages_on_the_way():
+    conn, got = consumer_on_channel_1()
+    conn.channels[1].callbacks['other'] = got.append
+    conn.transport.sock.chunks = [deliver_frames(1, 'other', 1, b'{"o": 1}', {})
+                                  + deliver_frames(1, 't1', 2, b'{"a": 1}', {})]
+    fast = make_fast(conn)
+    method, header, body = fast.ask(None, monotonic() + 1, lambda: False, (b'\x02t1',))
+    assert (body, [m.body for m in got]) == (b'{"a": 1}', [b'{"o": 1}'])
+    assert conn.transport.written == []   # None: nothing to write
+
+
+@pytest.mark.parametrize('split', [1, 5, 40])
+def test_ask_on_a_message_that_comes_in_pieces_dispatches_it_and_stops_when_done(split):
+    conn, got = consumer_on_channel_1()
+    stream = deliver_frames(1, 't1', 3, b'{"a": 1}', {'correlation_id': 'c1'})
+    conn.transport.sock.chunks = [stream[i:i + split] for i in range(0, len(stream), split)]
+    fast = make_fast(conn)
+    assert fast.ask(b'request', monotonic() + 1, lambda: bool(got), (b'\x02t1',)) is None
     assert [(m.body, m.properties['correlation_id'], m.delivery_tag) for m in got] == [
         (b'{"a": 1}', 'c1', 3)]
     assert got[0].delivery_info['exchange'] == 'ex'   # decoded when first read
-    with pytest.raises(socket.timeout):              # nothing more comes
-        fast.ask(b'again', lambda: False, monotonic() + 0.01)
-    assert conn.transport.written[-1] == b'again'
 
 
 def test_other_frames_go_to_py_amqp_and_unknown_consumers_are_requeued():

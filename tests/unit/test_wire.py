@@ -125,13 +125,18 @@ def test_to_payload_copies_dicts():
     assert to_payload('{"a": 1}') == {'a': 1}
 
 
-def test_stamp_adds_only_missing_fields():
-    stamped = stamp({'App-Name': 'mine'}, 'kamailio', '5.6', 'kamailio@host')
+def test_stamp_adds_only_missing_fields_to_a_copy():
+    original = {'App-Name': 'mine'}
+    stamped = stamp(original, 'kamailio', '5.6', 'kamailio@host')
+    assert original == {'App-Name': 'mine'}
     assert stamped['App-Name'] == 'mine'
     assert stamped['App-Version'] == '5.6'
     assert stamped['Node'] == 'kamailio@host'
     assert len(stamped['Msg-ID']) == 36
     assert stamp({'Msg-ID': 'x'}, 'a', 'b', 'c')['Msg-ID'] == 'x'
+    assert stamp('{"Msg-ID": "y"}', 'a', 'b', 'c')['Msg-ID'] == 'y'
+    with pytest.raises(InvalidPayload):
+        stamp('[1]', 'a', 'b', 'c')
 
 
 def test_route_names_follow_the_c_module_order():
@@ -173,3 +178,17 @@ def test_route_names_missing_key_fields(payload):
 def test_route_names_scalar_values():
     assert route_names({'Event-Category': 7, 'Event-Name': True})[0] == \
         'kazoo:consumer-event-7-true'
+
+
+def test_msg_ids_are_random_version_4_uuids():
+    import uuid
+    from kazoo_green.wire import new_msg_id
+    ids = [new_msg_id() for _ in range(2000)]
+    assert len(set(ids)) == len(ids)
+    for text in ids:
+        parsed = uuid.UUID(text)
+        assert str(parsed) == text
+        assert (parsed.version, parsed.variant) == (4, uuid.RFC_4122)
+    # every random hex digit takes every value somewhere (not a constant part)
+    for position in (0, 7, 9, 15, 20, 35):
+        assert len({text[position] for text in ids}) == 16
