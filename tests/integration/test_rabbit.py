@@ -198,6 +198,24 @@ def test_blocking_caller_queries_write_and_read_in_one_pass(runtimes, process_re
     assert stats['published'] == 203 and stats['reconnects'] == 1
 
 
+def test_blocking_caller_takes_the_general_path_while_a_lock_is_held(runtimes,
+                                                                      process_responder):
+    """The lane takes no lock, so it must not run while a greenlet holds one (it waits
+    somewhere with frames half written or read): the query then publishes and waits."""
+    exchange = unique('callmgr')
+    process_responder(exchange)
+    kz = runtimes(RABBIT_URL, blocking=True, query_timeout=2.0)
+    assert kz.query(exchange, 'route.req', event('route', 'req', To='a'))['Answer'] == 'a'
+    link = kz._pub_link
+    assert link.lane() is link.fast is not None
+    for lock in (link._wlock, link._rlock):
+        with lock:
+            assert link.lane() is None
+            assert kz.query(exchange, 'route.req', event('route', 'req', To='b'))['Answer'] == 'b'
+    assert link.lane() is link.fast
+    assert kz.stats()['queries_ok'] == 3
+
+
 def test_blocking_caller_late_and_bad_replies(runtimes, process_responder):
     """In the lane: a reply that comes after its query timed out is counted and skipped
     by the next query; a reply that is not JSON fails its query with QueryFailed."""
