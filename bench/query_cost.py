@@ -16,7 +16,8 @@ Then the pieces of a query, each timed alone, warm and cold (16 MB touched befor
 call, which evicts the caches as the other processes do between a worker's calls):
 envelope stamping, JSON encoding (kazoo_green's ``dumps``: orjson, against simplejson's
 encoder it used before), frame building (generic, and a query's request), reply
-decoding, and a call doing nothing.
+decoding, the two gevent locks and the event a blocking query used before it took the
+lock-free lane, and a call doing nothing.
 
 Last, the Python bytecodes one query executes, per function (``sys.settrace`` with
 opcode events): a count that does not depend on the machine's noise. With cold caches a
@@ -121,6 +122,18 @@ def pieces(kz, calls):
     props = {'content_type': 'application/json', 'content_encoding': 'utf-8',
              'correlation_id': message['Msg-ID'], 'reply_to': 'amq.rabbitmq.reply-to'}
     frame_max = kz._pub_link.fast.frame_max
+    from gevent.event import Event
+    from gevent.lock import RLock
+    wlock, rlock, read_free = RLock(), RLock(), Event()
+
+    def locks():   # what a blocking query took and released before the lane (df874ca)
+        wlock.acquire(blocking=False)
+        rlock.acquire(blocking=False)
+        read_free.clear()
+        rlock.release()
+        read_free.set()
+        wlock.release()
+
     cases = (
         ('stamp envelope', lambda: kz._message(request(2))),
         ('dumps (orjson)', lambda: dumps(message)),
@@ -131,6 +144,7 @@ def pieces(kz, calls):
                                                   message['Msg-ID'], 'amq.rabbitmq.reply-to',
                                                   None, True, frame_max)),
         ('loads_payload', lambda: loads_payload(reply)),
+        ('2 RLocks + Event', locks),
         ('nothing', lambda: None),
     )
     junk = bytearray(16 * 1024 * 1024)

@@ -126,12 +126,8 @@ def encode_publish(channel_id, exchange, routing_key, body, properties, headers,
             flags |= _FLAG.get(name, 0)
     parts = [_HEADER_START.pack(60, 0, len(body), flags)]
     for name, kind in _layout(flags):
-        if kind == 's':   # _shortstr inline: a query has four of them
-            value = properties[name]
-            data = value.encode('utf-8') if isinstance(value, str) else bytes(value)
-            if len(data) > 255:
-                raise ValueError('AMQP short string longer than 255 bytes: %r...' % data[:40])
-            parts += (_BYTE[len(data)], data)
+        if kind == 's':
+            parts.append(_shortstr(properties[name]))
         elif kind == 'B':
             parts.append(bytes((properties[name],)))
         elif kind == 'F':

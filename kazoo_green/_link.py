@@ -428,7 +428,7 @@ class Link(object):
 
         A blocking FastPath waits in poll(2), never in gevent's hub, so no other
         greenlet runs until the caller is done with it: no lock is taken (gevent's
-        locks and events are cold code in a SIP worker, ~25 µs a query).
+        locks and events are cold code in a SIP worker: see bench/query_cost.py).
         """
         fast = self.fast
         if (fast is None or not fast.blocking or not self.connected or self._reader is not None

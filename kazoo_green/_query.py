@@ -11,7 +11,7 @@ from gevent.event import AsyncResult
 from . import _defaults as D
 from ._amqpfast import Delivered, decode_properties, encode_request
 from .errors import BadMessage, ConnectionLost, KazooError, QueryFailed, QueryTimeout, Unroutable
-from .wire import _orjson_dumps, current_pid, dumps, loads_payload
+from .wire import current_pid, dumps, loads_payload
 
 __all__ = ['ReplyWaiter', 'done_within']
 
@@ -194,17 +194,27 @@ class ReplyWaiter(object):
             raise KazooError('a query with Msg-ID %r is already waiting' % (msg_id,))
         link = self.link
         self.stats.queries += 1
-        fast = link.lane() if link.blocking else None
-        if fast is not None:
-            return self._ask(fast, exchange, routing_key, payload, timeout, headers,
-                             mandatory, deadline, msg_id)
         try:
-            # Connected before this query waits: a reconnect fails waiting queries, and
-            # the reply queue's name and use_reply_to are known then.
-            link.ensure(deadline)
+            fast = link.lane() if link.blocking else None
+            if fast is not None:
+                return self._ask(fast, exchange, routing_key, payload, timeout, headers,
+                                 mandatory, deadline, msg_id)
+            return self._publish_and_wait(exchange, routing_key, payload, timeout, headers,
+                                          mandatory, deadline, msg_id)
+        except QueryTimeout:
+            raise
         except KazooError:
             self.stats.queries_failed += 1
             raise
+
+    def _publish_and_wait(self, exchange, routing_key, payload, timeout, headers, mandatory,
+                          deadline, msg_id):
+        """``query`` the general way: publish, then wait (reading, unless a background
+        reader does)."""
+        link = self.link
+        # Connected before this query waits: a reconnect fails waiting queries, and
+        # the reply queue's name and use_reply_to are known then.
+        link.ensure(deadline)
         payload['Server-ID'] = self.server_id
         result = AsyncResult()
         self._pending[msg_id] = result
@@ -212,13 +222,9 @@ class ReplyWaiter(object):
             props = {'correlation_id': msg_id}
             if self.use_reply_to:
                 props['reply_to'] = D.DIRECT_REPLY_TO
-            try:
-                self.publisher.publish(exchange, routing_key, dumps(payload), headers, props,
-                                       mandatory=mandatory and link.supports_amqp,
-                                       deadline=deadline, buffer=False, ensured=True)
-            except KazooError:
-                self.stats.queries_failed += 1
-                raise
+            self.publisher.publish(exchange, routing_key, dumps(payload), headers, props,
+                                   mandatory=mandatory and link.supports_amqp,
+                                   deadline=deadline, buffer=False, ensured=True)
             link.wait(result, deadline)
             return self._outcome(result, exchange, routing_key, timeout, msg_id)
         finally:
@@ -231,19 +237,11 @@ class ReplyWaiter(object):
         body carries this query's Msg-ID is taken without decoding its properties."""
         publisher = self.publisher
         if exchange not in publisher.verified:
-            try:
-                publisher.verify(exchange)
-            except KazooError:
-                self.stats.queries_failed += 1
-                raise
+            publisher.verify(exchange)
         # Connected in this process (Link.lane), so _setup named the reply queue here.
         payload['Server-ID'] = self._server_id
-        try:
-            body = _orjson_dumps(payload)   # what dumps() does first, one call less
-        except TypeError:
-            body = dumps(payload)
         data = encode_request(publisher.channel.channel_id, exchange, routing_key,
-                              body, msg_id,
+                              dumps(payload), msg_id,
                               D.DIRECT_REPLY_TO if self.use_reply_to else None, headers,
                               mandatory, fast.frame_max)
         waiting = _Waiting()
@@ -281,18 +279,15 @@ class ReplyWaiter(object):
         return self._outcome(waiting, exchange, routing_key, timeout, msg_id)
 
     def _outcome(self, result, exchange, routing_key, timeout, msg_id):
-        """The reply in ``result``, or the query's error (counted)."""
+        """The reply in ``result``, or the query's error (a timeout counted here, other
+        errors by ``query``)."""
         if not result.ready():
             self.stats.queries_timeout += 1
             # Caller-driven: a silent timeout may be a frozen broker; check it.
             self.link.send_probe(self.publisher.send_probe)
             raise QueryTimeout('no reply from %r/%r within %.3fs (Msg-ID %s)'
                                % (exchange, routing_key, timeout, msg_id))
-        try:
-            reply = result.get(block=False)
-        except KazooError:
-            self.stats.queries_failed += 1
-            raise
+        reply = result.get(block=False)
         self.stats.queries_ok += 1
         return reply
 

@@ -134,7 +134,7 @@ class Kazoo(object):
         broker had no queue for it, ConnectionLost/NotConnected when the
         broker went away, UnknownExchange for a missing exchange.
         """
-        message = stamp(payload, self.app_name, self.app_version, self.node)
+        message = self._message(payload)
         return self._replies.query(exchange, routing_key, message,
                                    timeout or self.query_timeout, headers, mandatory)
 
