@@ -6,6 +6,7 @@ quorum queues. Each scenario prints its numbers.
 
 import kazoo_green  # noqa: F401  (gevent's patching first)
 
+import collections
 from time import monotonic
 
 import gevent
@@ -367,8 +368,10 @@ def test_7_killed_node_restarted_serves_the_same_runtime(running_cluster, runtim
         c.kill(second)
         second_killed_at = monotonic()
         assert wait_for(lambda: all(firsts(second_killed_at)), timeout=30), \
-            'nothing worked through the restarted node %d: %r (links on %r)' % (
-                victim, firsts(second_killed_at), [where(c, link) for link in links])
+            'nothing worked through the restarted node %d: %r (links on %r); errors since ' \
+            'the start: %r; stats %r' % (
+                victim, firsts(second_killed_at), [where(c, link) for link in links],
+                dict((k, collections.Counter(v)) for k, v in errors.items()), kz.stats())
         first_pub, first_query, first_consume = firsts(second_killed_at)
         gevent.sleep(2)  # some steady traffic through it, to count
         on_restarted = [where(c, link) for link in links]
