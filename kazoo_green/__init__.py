@@ -23,11 +23,12 @@ from .errors import (  # noqa: E402
     BadMessage, BufferFull, ConnectionLost, InvalidPayload, KazooError, NotConnected,
     PublishNacked, QueryFailed, QueryTimeout, Unroutable, UnknownExchange,
 )
+from ._tls import from_env as ssl_from_env  # noqa: E402
 from .runtime import Kazoo  # noqa: E402
 from .wire import encode, json_path  # noqa: E402
 
 __all__ = [
-    'Kazoo', 'Delivery', 'encode', 'json_path', '__version__',
+    'Kazoo', 'Delivery', 'encode', 'json_path', 'ssl_from_env', '__version__',
     'KazooError', 'InvalidPayload', 'BadMessage', 'NotConnected', 'ConnectionLost',
     'QueryTimeout', 'QueryFailed', 'Unroutable', 'UnknownExchange', 'PublishNacked',
     'BufferFull',

@@ -7,12 +7,20 @@ method machinery each way. On a connection already opened by py-amqp, ``FastPath
 * reads the socket in large chunks into one buffer that py-amqp also reads from (its
   ``transport.read_frame`` is served from the buffer), so both always agree on the
   stream;
-* parses ``basic.deliver`` + content itself and calls the consumer's callback with a
-  small ``Delivered`` object (``body``, ``properties``, ``delivery_info``, ``headers``,
-  ``delivery_tag``); every other frame goes to py-amqp's own frame handler unchanged
-  (channel/connection close, confirms, returns, heartbeats, RPC answers);
+* parses ``basic.deliver`` + content itself when the whole message is in the buffer
+  and hands it to the connection's ``FrameHandler`` (``_deliver``), which gives it to
+  the consumer's callback; every other frame goes to that handler frame by frame
+  (and from there to py-amqp's own: channel/connection close, confirms, returns,
+  heartbeats, RPC answers);
 * writes ``basic.publish`` (method, header and body frames in one ``write``) and
   ``basic.ack`` / ``basic.reject`` from precomputed layouts.
+
+It speaks plain TCP through the socket's file descriptor (``os.read``/``os.write``; it
+reads only what poll(2) or gevent's hub said is there, and gevent's sockets never block)
+and TLS through the SSL socket's own ``recv``/``send``/``pending`` with a zero timeout
+around each call (the waits are FastPath's, in poll(2) or gevent's hub). py-amqp's private parts it needs are reached
+only through ``_pyamqp``; where they are missing FastPath refuses the connection
+(``HookUnavailable``) and the Link goes on without it.
 
 It is used only for RabbitMQ (pyamqp) connections. ``blocking=True`` waits with the
 real ``poll(2)`` instead of gevent's hub, for reads and writes (py-amqp's writes too):
@@ -22,16 +30,23 @@ is pure cost. A blocking FastPath never lets another greenlet run.
 
 import calendar
 import math
+import os
 import socket
-from struct import Struct, pack, unpack_from
+import ssl
+from functools import partial
+from struct import Struct, pack
 from time import monotonic
 
 from amqp.exceptions import UnexpectedFrame
-from amqp.serialization import decode_properties_basic, dumps as amqp_dumps
+from amqp.serialization import dumps as amqp_dumps
 from gevent import monkey
-from gevent.socket import wait_write, wait_read
+from gevent.socket import wait_read, wait_write
 
-__all__ = ['FastPath', 'Delivered', 'encode_publish', 'encode_request', 'FAST_PROPERTIES']
+from . import _pyamqp as hooks
+from ._deliver import DELIVER_SIG, FrameHandler, decode_properties, layout
+
+__all__ = ['FastPath', 'HookUnavailable', 'encode_publish', 'encode_request',
+           'FAST_PROPERTIES']
 
 _poll = monkey.get_original('select', 'poll')
 _POLLIN = 0x001
@@ -44,43 +59,34 @@ _HEADER_START = Struct('>HHQH')
 _CONTENT_HEADER = Struct('>BHIHHQ')
 _REQUEST_HEADER = Struct('>BHIHHQH')   # ... and the property flags
 _BODY_START = Struct('>BBHI')          # a frame end, then a body frame's type, channel, size
-_DELIVER_TAG = Struct('>QB')
 _ACK = Struct('>BHIHHQBB')       # frame header, class, method, tag, bit, frame end
 _FRAME_END = b'\xce'
 _PUBLISH_SIG = pack('>HHH', 60, 40, 0)
 # exchange.declare(reserved, 'amq.direct', 'direct', passive, no other bits, {})
 _PROBE_DECLARE = pack('>HHH', 40, 10, 0) + b'\x0aamq.direct\x06direct\x01' + b'\x00' * 4
-_DELIVER_SIG = pack('>HH', 60, 60)
 _CHUNK = 65536
+_SSL_WANT = (ssl.SSLWantReadError, ssl.SSLWantWriteError)
 
 #: Properties the fast writer encodes (all of AMQP 0-9-1 basic's but the headers
 #: table, which is its own argument); any other goes through py-amqp.
 FAST_PROPERTIES = frozenset(['content_type', 'content_encoding', 'delivery_mode', 'priority',
                              'correlation_id', 'reply_to', 'expiration', 'message_id',
                              'timestamp', 'type', 'user_id', 'app_id', 'cluster_id'])
-# Basic properties in wire order: (name, flag bit, kind); 'F' is the headers table.
-_PROPERTIES = (
+_FLAG = dict((name, bit) for name, bit, kind in (
     ('content_type', 0x8000, 's'), ('content_encoding', 0x4000, 's'),
-    ('application_headers', 0x2000, 'F'), ('delivery_mode', 0x1000, 'B'),
-    ('priority', 0x0800, 'B'), ('correlation_id', 0x0400, 's'), ('reply_to', 0x0200, 's'),
+    ('delivery_mode', 0x1000, 'B'), ('priority', 0x0800, 'B'),
+    ('correlation_id', 0x0400, 's'), ('reply_to', 0x0200, 's'),
     ('expiration', 0x0100, 's'), ('message_id', 0x0080, 's'), ('timestamp', 0x0040, 'Q'),
     ('type', 0x0020, 's'), ('user_id', 0x0010, 's'), ('app_id', 0x0008, 's'),
-    ('cluster_id', 0x0004, 's'))
-_FLAG = dict((name, bit) for name, bit, kind in _PROPERTIES if kind != 'F')
-_LAYOUTS = {}        # flags -> ((name, kind), ...) present, in wire order
+    ('cluster_id', 0x0004, 's')))
 _METHODS = {}        # (channel, exchange, routing key, mandatory) -> basic.publish frame
 _METHODS_MAX = 4096  # routing keys can be many (one per user): a bounded cache
 _Q = Struct('>Q')
-_H = Struct('>H')
 _BYTE = tuple(bytes((n,)) for n in range(256))
 
 
-def _layout(flags):
-    layout = _LAYOUTS.get(flags)
-    if layout is None:
-        layout = _LAYOUTS[flags] = tuple((name, kind) for name, bit, kind in _PROPERTIES
-                                         if flags & bit)
-    return layout
+class HookUnavailable(Exception):
+    """FastPath cannot take over this connection (see ``_pyamqp``)."""
 
 
 def _shortstr(value):
@@ -125,7 +131,7 @@ def encode_publish(channel_id, exchange, routing_key, body, properties, headers,
         if value is not None:
             flags |= _FLAG.get(name, 0)
     parts = [_HEADER_START.pack(60, 0, len(body), flags)]
-    for name, kind in _layout(flags):
+    for name, kind in layout(flags):
         if kind == 's':
             parts.append(_shortstr(properties[name]))
         elif kind == 'B':
@@ -178,115 +184,88 @@ def encode_request(channel_id, exchange, routing_key, body, correlation_id, repl
                      _FRAME_END))
 
 
-def decode_properties(buf, offset, end):
-    """Basic properties in ``buf[offset:end]`` (from the flags on) as py-amqp's
-    decode_properties_basic gives them; a headers table (or flag continuation) is left
-    to py-amqp."""
-    flags = _H.unpack_from(buf, offset)[0]
-    if flags & 0x2001:
-        return decode_properties_basic(bytes(buf[offset:end]), 0)[0]
-    offset += 2
-    properties = {}
-    for name, kind in _layout(flags):
-        if kind == 's':
-            end = offset + 1 + buf[offset]
-            properties[name] = bytes(buf[offset + 1:end]).decode('utf-8', 'surrogatepass')
-            offset = end
-        elif kind == 'B':
-            properties[name] = buf[offset]
-            offset += 1
-        else:
-            properties[name] = _Q.unpack_from(buf, offset)[0]
-            offset += 8
-    return properties
-
-
-class Delivered(object):
-    """A consumed message, with the attributes kazoo_green's callbacks read.
-
-    ``delivery_info`` is decoded from the basic.deliver arguments (``method``) when
-    first read: replies to queries never need it.
-    """
-
-    __slots__ = ('body', 'properties', '_info', '_method', 'channel')
-
-    def __init__(self, body, properties, delivery_info, channel, method=None):
-        self.body = body
-        self.properties = properties
-        self._info = delivery_info
-        self._method = method
-        self.channel = channel
-
-    @property
-    def delivery_info(self):
-        info = self._info
-        if info is None:
-            info = self._info = FastPath._delivery_info(self._method, 0)
-        return info
-
-    @property
-    def delivery_tag(self):
-        return self.delivery_info['delivery_tag']
-
-    @property
-    def headers(self):
-        return self.properties.get('application_headers')
-
-
-class _Pending(object):
-    """A delivery whose content frames are still arriving."""
-
-    __slots__ = ('method', 'properties', 'size', 'chunks', 'got')
-
-
 class FastPath(object):
-    """Buffered reads and the hot frames for one open py-amqp connection."""
+    """Buffered reads and the hot frames for one open py-amqp connection (TCP or TLS)."""
 
     def __init__(self, connection, blocking=False):
-        self.connection = connection
         transport = connection.transport
+        why = hooks.check(transport)
+        if why is None and not isinstance(connection.on_inbound_frame, FrameHandler):
+            why = "the connection was not made with kazoo_green's frame handler"
+        sock = transport.sock
+        tls = getattr(sock, 'pending', None) is not None
+        if why is not None:
+            raise HookUnavailable(why)
+        self.connection = connection
         self.transport = transport
-        self.sock = transport.sock
+        self.sock = sock
+        self.tls = tls
         self.frame_max = connection.frame_max
         self.blocking = blocking
-        # Whatever py-amqp had read ahead (nothing normally: it reads exact sizes).
-        self._buf = bytearray(transport._read_buffer or b'')
-        self._pos = 0
-        transport._read_buffer = b''
-        transport.read_frame = self._read_frame
-        self._inbound = connection.on_inbound_frame
-        self._pending = {}
+        self._handler = connection.on_inbound_frame
+        self._fileno = fd = sock.fileno()
+        if tls:
+            self._recv, self._send = self._tls_recv, self._tls_send
+        else:
+            self._recv, self._send = partial(os.read, fd), partial(os.write, fd)
         self._poller = _poll()
-        self._poller.register(self.sock.fileno(), _POLLIN)
-        self._fileno = self.sock.fileno()
-        raw = getattr(self.sock, '_sock', self.sock)  # gevent wraps the real socket
-        self._raw_recv = raw.recv
-        self._raw_send = raw.send
+        self._poller.register(fd, _POLLIN)
         self._out_poller = None
-        if blocking:
-            transport._write = self._write   # py-amqp's frames wait in poll(2) too
         #: Seconds a write may wait for the socket to drain (None: no limit).
         self.write_timeout = None
+        # Whatever py-amqp had read ahead (nothing normally: it reads exact sizes).
+        self._buf = bytearray(hooks.take_read_ahead(transport))
+        self._pos = 0
+        hooks.serve_reads(transport, self._read_frame)
+        if blocking:
+            hooks.route_writes(transport, self._write)  # py-amqp's frames wait in poll(2)
+
+    # -- the socket -----------------------------------------------------
+    def _tls_recv(self, size):
+        """Decrypted bytes now, without waiting (BlockingIOError if none)."""
+        sock = self.sock
+        timeout = sock.gettimeout()
+        sock.settimeout(0.0)   # no other greenlet runs until it is restored
+        try:
+            return sock.recv(size)
+        except _SSL_WANT:
+            raise BlockingIOError() from None
+        finally:
+            sock.settimeout(timeout)
+
+    def _tls_send(self, data):
+        """Encrypt and send what the socket takes now; 0 if it takes nothing."""
+        sock = self.sock
+        timeout = sock.gettimeout()
+        sock.settimeout(0.0)
+        try:
+            return sock.send(data)
+        except _SSL_WANT:
+            return 0
+        finally:
+            sock.settimeout(timeout)
 
     # -- reading --------------------------------------------------------
     def _fill(self, timeout):
-        """Append what the socket has (waiting up to ``timeout``); socket.timeout if none.
+        """Append what the socket has, waiting up to ``timeout`` (None: no limit) for it
+        to be readable; socket.timeout if it was not. Returns False when it was readable
+        but gave no data (a TLS record of TLS's own, e.g. a session ticket): the caller
+        looks again.
 
-        The socket's own timeout is never changed: writers on other greenlets share it.
+        The socket's own timeout is never changed for longer than one call: writers on
+        other greenlets share it.
         """
-        while True:
+        if not (self.tls and self.sock.pending()):
             if self.blocking:
                 ms = -1 if timeout is None else max(0, math.ceil(timeout * 1000))
                 if not self._poller.poll(ms):
                     raise socket.timeout()
             else:
                 wait_read(self._fileno, timeout)
-            try:
-                data = self._raw_recv(_CHUNK)
-                break
-            except (BlockingIOError, InterruptedError):
-                if timeout is not None and timeout <= 0:
-                    raise socket.timeout()
+        try:
+            data = self._recv(_CHUNK)
+        except (BlockingIOError, InterruptedError):
+            return False
         if not data:
             self.transport.connected = False
             raise OSError('Server unexpectedly closed connection')
@@ -296,6 +275,7 @@ class FastPath(object):
             del buf[:pos]   # all read (the usual case), or much: start over
             self._pos = 0
         buf += data
+        return True
 
     def _frame_at(self, pos):
         """(type, channel, end) of the frame at ``pos`` if the buffer holds all of it
@@ -334,7 +314,8 @@ class FastPath(object):
 
     def has_pending(self):
         """Whether a read now would return at once (data buffered or on the socket)."""
-        return len(self._buf) - self._pos >= 8 or bool(self._poller.poll(0))
+        return (len(self._buf) - self._pos >= 8 or bool(self._poller.poll(0))
+                or (self.tls and self.sock.pending() > 0))
 
     def ask(self, data, deadline, done, tags):
         """For a caller no other greenlet can interrupt (a blocking FastPath never lets
@@ -355,10 +336,11 @@ class FastPath(object):
                 raise ConnectionError('write to the broker timed out: %s' % exc) from None
             self.connection.bytes_sent += 1
         buf = self._buf
+        pending = self._handler.pending
         while True:
             pos = self._pos
             if len(buf) - pos >= 8:
-                whole = None if self._pending else self._whole_at(pos)
+                whole = None if pending else self._whole_at(pos)
                 if whole is not None and buf.startswith(tags, pos + 11):
                     channel, end, header_end, body_at, stop = whole
                     self._pos = stop
@@ -372,29 +354,36 @@ class FastPath(object):
             self._fill(deadline - monotonic())
 
     def drain(self, timeout):
-        """Handle every complete frame, reading (up to ``timeout``) until there was one.
+        """Handle every complete frame, reading (up to ``timeout``) until there was one
+        or the socket was readable without data; returns how many there were.
 
         Raises socket.timeout when nothing arrived in time.
         """
         deadline = None if timeout is None else monotonic() + timeout
-        while not self._frames():
-            self._fill(None if deadline is None else max(0.0, deadline - monotonic()))
+        handled = self._frames()
+        while not handled:
+            if not self._fill(None if deadline is None else max(0.0, deadline - monotonic())):
+                return 0
+            handled = self._frames()
+        return handled
 
     def _frames(self, limit=-1):
         """Handle the complete frames in the buffer (at most ``limit`` frames or whole
         messages, if given); return how many there were."""
         handled = 0
-        buf = self._buf
+        handler = self._handler
+        pending = handler.pending
         while handled != limit:
+            buf = self._buf
             pos = self._pos
-            whole = None if self._pending else self._whole_at(pos)
+            whole = None if pending else self._whole_at(pos)
             if whole is not None:
                 channel, end, header_end, body_at, stop = whole
                 self._pos = stop
                 self.connection.bytes_recv += 1
-                self._deliver(channel, bytes(buf[pos + 7:end]),
-                              decode_properties(buf, end + 20, header_end),
-                              bytes(buf[body_at:stop - 1]))
+                properties, bad = decode_properties(buf, end + 20, header_end)
+                handler.deliver(channel, bytes(buf[pos + 7:end]), properties,
+                                bytes(buf[body_at:stop - 1]), bad)
                 handled += 1
                 continue
             found = self._frame_at(pos)
@@ -402,7 +391,7 @@ class FastPath(object):
                 return handled
             frame_type, channel, end = found
             self._pos = end + 1
-            self._frame(frame_type, channel, bytes(buf[pos + 7:end]))
+            handler((frame_type, channel, bytes(buf[pos + 7:end])))
             handled += 1
         return handled
 
@@ -421,12 +410,12 @@ class FastPath(object):
         end = pos + 7 + length
         header = end + 1
         if (frame_type != 1 or size - header < 22 or buf[end] != 0xce
-                or buf[pos + 7:pos + 11] != _DELIVER_SIG):
+                or buf[pos + 7:pos + 11] != DELIVER_SIG):
             return None
         frame_type, frame_channel, length, _, _, body_size = \
             _CONTENT_HEADER.unpack_from(buf, header)
         header_end = header + 7 + length
-        if (frame_type != 2 or frame_channel != channel or size <= header_end
+        if (frame_type != 2 or frame_channel != channel or length < 14 or size <= header_end
                 or buf[header_end] != 0xce):
             return None
         if not body_size:
@@ -441,80 +430,6 @@ class FastPath(object):
             return None
         return channel, end, header_end, body_at + 7, body_end + 1
 
-    def _frame(self, frame_type, channel, payload):
-        pending = self._pending.get(channel)
-        if pending is None:
-            if frame_type == 1 and payload[:4] == _DELIVER_SIG:
-                self._deliver_method(channel, payload)
-                self.connection.bytes_recv += 1
-                return
-            self._inbound((frame_type, channel, payload))
-            return
-        self.connection.bytes_recv += 1
-        if frame_type == 2:
-            pending.properties = decode_properties(payload, 12, len(payload))
-            pending.size = unpack_from('>Q', payload, 4)[0]
-            if pending.size == 0:
-                self._complete(channel, pending, b'')
-        elif frame_type == 3:
-            pending.chunks.append(payload)
-            pending.got += len(payload)
-            if pending.got >= pending.size:
-                body = pending.chunks[0] if len(pending.chunks) == 1 else \
-                    b''.join(pending.chunks)
-                self._complete(channel, pending, body)
-        elif frame_type == 8:
-            pass
-        else:
-            raise UnexpectedFrame('Received frame %d while expecting content on channel %d'
-                                  % (frame_type, channel))
-
-    @staticmethod
-    def _delivery_info(buf, offset):
-        """basic.deliver's arguments (``buf[offset:]`` is its method payload) as the
-        ``delivery_info`` dict py-amqp gives."""
-        offset += 4
-        n = buf[offset]
-        consumer_tag = bytes(buf[offset + 1:offset + 1 + n]).decode('utf-8')
-        offset += 1 + n
-        delivery_tag, redelivered = _DELIVER_TAG.unpack_from(buf, offset)
-        offset += 9
-        n = buf[offset]
-        exchange = bytes(buf[offset + 1:offset + 1 + n]).decode('utf-8')
-        offset += 1 + n
-        n = buf[offset]
-        routing_key = bytes(buf[offset + 1:offset + 1 + n]).decode('utf-8')
-        return {'consumer_tag': consumer_tag, 'delivery_tag': delivery_tag,
-                'redelivered': bool(redelivered), 'exchange': exchange,
-                'routing_key': routing_key}
-
-    def _deliver_method(self, channel, payload):
-        pending = _Pending()
-        pending.method = payload
-        pending.properties = None
-        pending.size = -1
-        pending.chunks = []
-        pending.got = 0
-        self._pending[channel] = pending
-
-    def _complete(self, channel_id, pending, body):
-        del self._pending[channel_id]
-        self._deliver(channel_id, pending.method, pending.properties, body)
-
-    def _deliver(self, channel_id, method, properties, body):
-        """Hand a complete message to its consumer's callback; ``method`` is the
-        basic.deliver payload (only the consumer tag is decoded here)."""
-        channel = self.connection.channels.get(channel_id)
-        if channel is None:
-            return
-        n = method[4]
-        callback = channel.callbacks.get(method[5:5 + n].decode('utf-8'))
-        if callback is None:
-            # As py-amqp does: nobody consumes with that tag (any more): give it back.
-            channel.basic_reject(self._delivery_info(method, 0)['delivery_tag'], requeue=True)
-            return
-        callback(Delivered(body, properties, None, channel, method))
-
     # -- writing --------------------------------------------------------
     def _write(self, data):
         """Send all of ``data``: straight to the socket, waiting only if it is full.
@@ -522,7 +437,7 @@ class FastPath(object):
         Raises socket.timeout after ``write_timeout`` seconds without progress: the
         frame may be cut, so the caller must drop the connection.
         """
-        send = self._raw_send
+        send = self._send
         try:
             sent = send(data)
         except (BlockingIOError, InterruptedError):

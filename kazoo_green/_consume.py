@@ -5,7 +5,7 @@ import os
 
 import gevent
 
-from . import _defaults as D
+from . import _defaults as D, _logs
 from ._dispatch import Delivery
 from .errors import BadMessage, KazooError
 from .wire import loads_payload, route_names
@@ -13,6 +13,10 @@ from .wire import loads_payload, route_names
 __all__ = ['Subscription', 'Subscriber', 'ACK_MODES']
 
 log = logging.getLogger('kazoo_green')
+
+#: Distinct route names without a route that are warned about (once each); beyond it,
+#: unrouted messages are only counted (whoever can publish chooses the names).
+UNROUTED_WARN_MAX = 256
 
 #: late: ack after the handler returned, reject if it raised;
 #: early: ack just before the handler runs; none: consume with no_ack.
@@ -149,13 +153,14 @@ class Subscriber(object):
         def on_message(raw):
             received(sub, channel, raw)
 
-        channel.basic_consume(queue=name, no_ack=no_ack, callback=on_message,
-                              consumer_tag=sub.tag, on_cancel=self._cancelled)
+        self.link.consume(channel, name, sub.tag, on_message, no_ack,
+                          on_cancel=self._cancelled)
         sub.channel = channel
         sub.queue_in_use = name
 
     def _cancelled(self, tag):
         """The broker cancelled a consumer (its queue was deleted): set it up again."""
+        self.link.forget_consumer(tag)
         for sub in self.subscriptions:
             if sub.tag == tag:
                 log.warning('broker cancelled the consumer of %r; declaring it again', sub)
@@ -172,7 +177,7 @@ class Subscriber(object):
             channel = sub.channel
             if channel is not None and self.link.connected:
                 try:
-                    self.link.rpc(channel.basic_cancel, sub.tag)
+                    self.link.rpc(self.link.cancel, channel, sub.tag)
                 except KazooError as exc:
                     log.warning('cannot cancel %r: %s', sub, exc)
                 except self.link.channel_errors as exc:
@@ -180,58 +185,96 @@ class Subscriber(object):
 
     # -- per message ----------------------------------------------------
     def _received(self, sub, channel, raw):
-        """Runs in the reading greenlet: decode, then hand to a worker."""
+        """Runs in the reading greenlet: decode, then hand to a worker. Never raises:
+        whatever the message holds, it is handed on, or counted and rejected."""
         self.stats.consumed += 1
         try:
+            info = raw.delivery_info   # may find the exchange or routing key not UTF-8
+            bad = getattr(raw, 'bad', None)
+            if bad:
+                raise BadMessage(bad)
             payload = loads_payload(raw.body)
             names = route_names(payload, sub.event_key, sub.event_subkey)
+            key = None
+            if sub.worker_key:
+                if sub.worker_key == 'routing_key':
+                    key = info.get('routing_key')
+                else:
+                    key = payload.get(sub.worker_key)
+                    if isinstance(key, (dict, list)):
+                        key = None
         except BadMessage as exc:
-            info = raw.delivery_info
-            self.stats.bad_input += 1
-            log.warning('bad message on queue %s (exchange %r, routing key %r, %d bytes): %s',
-                        sub.queue_in_use, info.get('exchange'), info.get('routing_key'),
-                        len(raw.body or b''), exc)
-            self._settle(sub, channel, raw.delivery_tag, False)
+            self._bad(sub, channel, raw, exc)
             return
-        key = None
-        if sub.worker_key:
-            if sub.worker_key == 'routing_key':
-                key = raw.delivery_info.get('routing_key')
-            else:
-                key = payload.get(sub.worker_key)
-                if isinstance(key, (dict, list)):
-                    key = None
+        except Exception as exc:   # a bug, or input nobody thought of: still settled
+            log.exception('cannot decode a message on queue %s', sub.queue_in_use)
+            self._bad(sub, channel, raw, exc)
+            return
         self.dispatcher.submit(self._handle, (sub, channel, raw, payload, names), key)
 
-    def _handle(self, sub, channel, raw, payload, names):
-        """Runs in a worker greenlet."""
-        route, fn = self.routes.resolve(names)
-        if fn is None:
-            self.stats.unrouted += 1
-            if names[0] not in self._unrouted_seen:
-                self._unrouted_seen.add(names[0])
-                log.warning('no event route for %s (nor its fallbacks); message acked '
-                            'and counted as unrouted', names[0])
-            self._settle(sub, channel, raw.delivery_tag, True)
-            return
-        if sub.ack == 'early':
-            self._settle(sub, channel, raw.delivery_tag, True)
-        info = raw.delivery_info
-        meta = Delivery(route, info.get('exchange'), info.get('routing_key'),
-                        sub.queue_in_use, raw.headers or {}, bool(info.get('redelivered')),
-                        raw.properties)
+    def _bad(self, sub, channel, raw, exc):
+        """Count, log (bounded) and reject a message that cannot be handled."""
+        self.stats.bad_input += 1
         try:
-            fn(payload, meta)
+            info = raw.delivery_info
+            exchange, routing_key = info.get('exchange'), info.get('routing_key')
         except Exception:
-            self.stats.handler_errors += 1
-            log.exception('event route %s failed (exchange %r, routing key %r)%s', route,
-                          meta.exchange, meta.routing_key,
-                          '; message rejected' if sub.ack == 'late' else '')
-            if sub.ack == 'late':
-                self._settle(sub, channel, raw.delivery_tag, False)
+            exchange = routing_key = '?'
+        _logs.bad_input.warning('bad message on queue %s (exchange %s, routing key %s, %d '
+                                'bytes): %s%s', sub.queue_in_use, _logs.short(exchange),
+                                _logs.short(routing_key), len(raw.body or b''), exc,
+                                '; rejected' if sub.ack != 'none' else '')
+        self._settle(sub, channel, raw.delivery_tag, False)
+
+    def _unrouted(self, name):
+        self.stats.unrouted += 1
+        seen = self._unrouted_seen
+        if name in seen or len(seen) > UNROUTED_WARN_MAX:
             return
-        if sub.ack == 'late':
-            self._settle(sub, channel, raw.delivery_tag, True)
+        if len(seen) == UNROUTED_WARN_MAX:
+            seen.add(None)
+            log.warning('more than %d distinct event routes without a handler; further '
+                        'ones are only counted (unrouted)', UNROUTED_WARN_MAX)
+            return
+        seen.add(name)
+        log.warning('no event route for %s (nor its fallbacks); message acked and counted '
+                    'as unrouted', _logs.short(name, 200))
+
+    def _handle(self, sub, channel, raw, payload, names):
+        """Runs in a worker greenlet. Every message is settled, whatever happens."""
+        settled = False
+        try:
+            route, fn = self.routes.resolve(names)
+            if fn is None:
+                self._unrouted(names[0])
+                settled = True
+                self._settle(sub, channel, raw.delivery_tag, True)
+                return
+            if sub.ack == 'early':
+                settled = True
+                self._settle(sub, channel, raw.delivery_tag, True)
+            info = raw.delivery_info
+            meta = Delivery(route, info.get('exchange'), info.get('routing_key'),
+                            sub.queue_in_use, raw.headers or {}, bool(info.get('redelivered')),
+                            raw.properties)
+            try:
+                fn(payload, meta)
+            except Exception:
+                self.stats.handler_errors += 1
+                log.exception('event route %s failed (exchange %s, routing key %s)%s', route,
+                              _logs.short(meta.exchange), _logs.short(meta.routing_key),
+                              '; message rejected' if sub.ack == 'late' else '')
+                if not settled:
+                    settled = True
+                    self._settle(sub, channel, raw.delivery_tag, False)
+                return
+            if not settled:
+                settled = True
+                self._settle(sub, channel, raw.delivery_tag, True)
+        except Exception:
+            log.exception('cannot handle a message on queue %s', sub.queue_in_use)
+            if not settled:
+                self._settle(sub, channel, raw.delivery_tag, False)
 
     def _settle(self, sub, channel, tag, ok):
         if sub.ack == 'none':

@@ -45,9 +45,6 @@ class RouteTable(object):
     def remove(self, name):
         self._routes.pop(normalise_route(name), None)
 
-    def names(self):
-        return sorted(self._routes)
-
     def resolve(self, names):
         """First defined route of ``names`` (most specific first): (name, fn) or (None, None)."""
         routes = self._routes

@@ -5,6 +5,11 @@ A ``Link`` owns one kombu ``Connection`` built over the whole broker list with
 rules apply: at most one greenlet reads the socket (the holder of the read
 lock) and writes are serialised by the write lock, frame by frame.
 
+The broker list is tried round-robin (kombu's failover), one broker at a time within
+``connect_timeout``; TLS options are worked out for each broker as it is tried
+(``_tls``). Deliveries are assembled by kazoo_green's own frame handler (``_deliver``)
+and reach the callbacks registered with ``consume``.
+
 Two ways to drive it:
 
 * background: ``start()`` spawns one reader greenlet that drains the socket,
@@ -29,14 +34,51 @@ from gevent.event import Event
 from gevent.lock import RLock
 from kombu import Connection
 
-from . import _defaults as D
-from ._amqpfast import FastPath
+from . import _defaults as D, _pyamqp, _tls
+from ._amqpfast import FastPath, HookUnavailable
+from ._deliver import Consumers, FrameHandler
 from .errors import ConnectionLost, NotConnected
 from .wire import current_pid
 
 __all__ = ['Link', 'parse_brokers']
 
 log = logging.getLogger('kazoo_green')
+_warned = set()   # reasons FastPath could not be used, logged once per process
+
+
+class _AttemptTimeout(Exception):
+    pass
+
+
+class _Lock(object):
+    """gevent's RLock, and whether anybody holds it (``held``): the blocking lane must
+    know without taking it (gevent's RLock says so only in versions newer than the
+    oldest supported)."""
+
+    __slots__ = ('_lock', 'held')
+
+    def __init__(self):
+        self._lock = RLock()
+        self.held = 0
+
+    def acquire(self, blocking=True, timeout=None):
+        got = self._lock.acquire(blocking, timeout)
+        if got:
+            self.held += 1
+        return got
+
+    def release(self):
+        self.held -= 1
+        self._lock.release()
+
+    def __enter__(self):
+        self._lock.acquire()
+        self.held += 1
+        return self
+
+    def __exit__(self, typ, value, tb):
+        self.held -= 1
+        self._lock.release()
 
 
 
@@ -58,7 +100,7 @@ class Link(object):
 
     def __init__(self, name, urls, stats, connect_timeout=D.CONNECT_TIMEOUT,
                  heartbeat=D.HEARTBEAT, poll_interval=D.POLL_INTERVAL,
-                 transport_options=None, label='', fast=True, blocking=False):
+                 transport_options=None, label='', fast=True, blocking=False, ssl=None):
         self.name = name
         self.label = label
         #: Use the lean frame path (RabbitMQ only); see _amqpfast.
@@ -73,6 +115,11 @@ class Link(object):
         self.poll_interval = poll_interval
         self.transport_options = dict(transport_options or {})
         self.memory = all(u.startswith('memory:') for u in self.urls)
+        #: TLS options (``_tls.normalise``): None, or a dict used for every broker.
+        self.ssl = _tls.normalise(ssl)
+        #: Consumers of the current connection: (channel id, tag) -> callback.
+        self.consumers = Consumers()
+        self._current = 0   # index in urls of the broker kombu's Connection is on
         #: True while connected and every up-hook has run.
         self.connected = False
         #: Bumped at every connect and every loss: an ack or confirm carries
@@ -86,8 +133,8 @@ class Link(object):
         #: The FastPath of the current connection, when used.
         self.fast = None
         self._pid = None
-        self._wlock = RLock()
-        self._rlock = RLock()
+        self._wlock = _Lock()
+        self._rlock = _Lock()
         self._connect_lock = RLock()
         self._read_free = Event()
         self._read_free.set()
@@ -123,10 +170,6 @@ class Link(object):
         self._on_down.append(fn)
 
     @property
-    def background(self):
-        return self._reader is not None
-
-    @property
     def channel_errors(self):
         return self._channel_errors
 
@@ -151,6 +194,8 @@ class Link(object):
             props.setdefault('connection_name', '%s %s <%d>' % (self.label, self.name,
                                                                 os.getpid()))
             opts['client_properties'] = props
+            # Deliveries are parsed by kazoo_green (a public py-amqp hook; see _deliver).
+            opts['frame_handler'] = FrameHandler.factory(self.consumers)
         conn = Connection(
             self.urls if len(self.urls) > 1 else self.urls[0],
             failover_strategy='round-robin',
@@ -160,7 +205,25 @@ class Link(object):
         )
         self.errors = tuple(conn.connection_errors) + tuple(conn.channel_errors) + (OSError,)
         self._channel_errors = tuple(conn.channel_errors)
+        self._current = 0
         return conn
+
+    def consume(self, channel, queue, tag, callback, no_ack, **kwargs):
+        """``basic.consume`` of ``queue`` on ``channel`` as ``tag``; its deliveries go to
+        ``callback`` (registered before the broker can deliver anything)."""
+        self.consumers[(channel.channel_id, tag)] = callback
+        channel.basic_consume(queue=queue, no_ack=no_ack, callback=callback,
+                              consumer_tag=tag, **kwargs)
+
+    def cancel(self, channel, tag):
+        """``basic.cancel`` of consumer ``tag`` on ``channel`` (through ``rpc``)."""
+        channel.basic_cancel(tag)
+        self.consumers.pop((channel.channel_id, tag), None)
+
+    def forget_consumer(self, tag):
+        """The broker cancelled consumer ``tag``: no more deliveries for it."""
+        for key in [key for key in self.consumers if key[1] == tag]:
+            del self.consumers[key]
 
     def ensure(self, deadline=None, wait=False):
         """Be connected when this returns, or raise NotConnected.
@@ -213,11 +276,10 @@ class Link(object):
             try:
                 with gevent.Timeout(timeout, NotConnected(
                         '%s link: connecting timed out after %.3fs' % (self.name, timeout or 0))):
-                    conn.ensure_connection(
-                        errback=self._connect_failed, max_retries=len(self.urls) - 1,
-                        interval_start=0, interval_step=0, interval_max=0)
+                    self._attempt_all(conn)
                     raw = conn.connection
                     self.supports_amqp = conn.transport.driver_type == 'amqp'
+                    self.consumers.clear()
                     with self._wlock, self._rlock:
                         for hook in self._up_hooks:
                             hook(conn)
@@ -233,8 +295,7 @@ class Link(object):
             self._raw = raw
             self.fast = None
             if self.supports_amqp and self.use_fast:
-                self.fast = FastPath(raw, blocking=self.blocking and self._reader is None)
-                self.fast.write_timeout = self.connect_timeout
+                self.fast = self._fast_path(raw)
             self.host = conn.host if conn.port else conn.as_uri()
             self.generation += 1
             self.connected = True
@@ -243,12 +304,61 @@ class Link(object):
                 self.stats.reconnects += 1
             self.ever_connected = True
             self._up.set()
-            log.info('%s link: connected to %s', self.name, _safe_url(conn.as_uri()))
+            log.info('%s link: connected to %s%s', self.name, _safe_url(conn.as_uri()),
+                     ' (TLS)' if conn.ssl else '')
         for fn in self._on_up:
             try:
                 fn(self)
             except Exception:
                 log.exception('%s link: on-connect callback failed', self.name)
+
+    def _attempt_all(self, conn):
+        """Connect ``conn`` to one of the brokers: each tried once, in turn from the
+        current one, with its own TLS options and at most ``connect_timeout`` seconds
+        (TCP, TLS and AMQP handshakes)."""
+        for attempt in range(len(self.urls)):
+            url = self.urls[self._current]
+            conn.ssl = _tls.for_broker(self.ssl, url) if not self.memory else False
+            try:
+                with gevent.Timeout(self.connect_timeout, _AttemptTimeout(
+                        'no answer within %.1fs' % self.connect_timeout)):
+                    conn.ensure_connection(max_retries=0)
+                return
+            except NotConnected:   # the caller's deadline (connect), not this broker's
+                raise
+            except Exception as exc:
+                self._connect_failed(exc, url)
+                if attempt == len(self.urls) - 1:
+                    raise
+                try:
+                    conn.collect()
+                except Exception:  # a half-made connection may fail in any way here
+                    pass
+                self._switch(conn)
+
+    def _switch(self, conn):
+        if len(self.urls) > 1:
+            conn.maybe_switch_next()
+            self._current = (self._current + 1) % len(self.urls)
+
+    def _fast_path(self, raw):
+        """A FastPath on ``raw``, or None (logged once) where it cannot work."""
+        if not _pyamqp.supported_version() and 'version' not in _warned:
+            _warned.add('version')
+            log.warning('py-amqp %s is outside the range kazoo_green is tested with (%s); '
+                        'Kazoo(fast=False) avoids its internals', _pyamqp.amqp.__version__,
+                        '%s <= version < %s' % tuple('.'.join(map(str, v))
+                                                     for v in _pyamqp.SUPPORTED))
+        try:
+            fast = FastPath(raw, blocking=self.blocking and self._reader is None)
+        except HookUnavailable as exc:
+            if str(exc) not in _warned:
+                _warned.add(str(exc))
+                log.warning('%s link: running without the fast frame path: %s',
+                            self.name, exc)
+            return None
+        fast.write_timeout = self.connect_timeout
+        return fast
 
     def send_probe(self, send):
         """Caller-driven, after a wait that heard nothing: ask the broker for an answer.
@@ -307,15 +417,17 @@ class Link(object):
                     break
         except self.errors as exc:
             self.lost(exc, gen)
+        except Exception as exc:  # a bug must not leave the link half-dead
+            log.exception('%s link: unexpected error while reading', self.name)
+            self.lost(exc, gen)
         finally:
             self._rlock.release()
             self._read_free.set()
         return True
 
-    def _connect_failed(self, exc, interval):
+    def _connect_failed(self, exc, url):
         self.stats.connection_errors += 1
-        log.warning('%s link: cannot connect to %s: %s', self.name,
-                    _safe_url(self._conn.as_uri()), exc)
+        log.warning('%s link: cannot connect to %s: %s', self.name, _safe_url(url), exc)
 
     def _drop(self):
         """Forget the current connection without talking to the broker."""
@@ -327,14 +439,16 @@ class Link(object):
             conn.collect()
         except Exception:  # a dying connection may fail in any way here
             pass
-        if len(self.urls) > 1:
-            try:
-                conn.maybe_switch_next()
-            except Exception:
-                pass
+        try:
+            self._switch(conn)
+        except Exception:
+            pass
 
-    def lost(self, exc, generation=None):
-        """The connection of ``generation`` died: drop it, tell everybody once."""
+    def lost(self, exc, generation=None, failure=True):
+        """The connection of ``generation`` died: drop it, tell everybody once.
+
+        ``failure=False``: dropped on purpose (see ``start``), not counted as an error.
+        """
         if generation is not None and generation != self.generation:
             return
         if not self.connected:
@@ -343,11 +457,19 @@ class Link(object):
         self._up.clear()
         self._lost_once = True
         self.generation += 1
-        self.stats.connection_errors += 1
-        host = self.host
-        log.warning('%s link: lost connection to %s: %s', self.name, host,
-                    exc or 'closed')
-        self._drop()
+        if failure:
+            self.stats.connection_errors += 1
+            log.warning('%s link: lost connection to %s: %s', self.name, self.host,
+                        exc or 'closed')
+            self._drop()
+        else:
+            log.info('%s link: %s', self.name, exc)
+            conn, self._conn = self._conn, None
+            self._raw = self.fast = self._probe_at = None
+            try:
+                conn.collect()
+            except Exception:
+                pass
         for fn in self._on_down:
             try:
                 fn(self, exc)
@@ -433,7 +555,7 @@ class Link(object):
         fast = self.fast
         if (fast is None or not fast.blocking or not self.connected or self._reader is not None
                 or self._pid != current_pid() or self._probe_at is not None
-                or self._wlock._count or self._rlock._count or fast.has_pending()):
+                or self._wlock.held or self._rlock.held or fast.has_pending()):
             return None
         return fast
 
@@ -444,8 +566,12 @@ class Link(object):
         if self._reader is not None:
             return
         self._running = True
-        if self._conn is not None and not self.connected:
-            self._conn = None  # rebuilt with heartbeats for background use
+        if self.connected:
+            # Made by a caller (no reader): without heartbeats, and its FastPath may block
+            # the whole process in poll(2). The reader connects again, for background use.
+            self.lost(ConnectionLost('connection made for caller-driven use restarted for '
+                                     'background use'), failure=False)
+        self._conn = None  # rebuilt with heartbeats for background use
         self._reader = gevent.spawn(self._read_loop)
         self._reader.name = 'kazoo_green-%s-reader' % self.name
 
@@ -460,6 +586,8 @@ class Link(object):
         if self.connected:
             self.connected = False
             self._up.clear()
+            if self.fast is not None:
+                self.fast.blocking = False   # its close waits in the hub, within timeout
             conn, self._conn, self._raw = self._conn, None, None
             try:
                 with self._wlock:

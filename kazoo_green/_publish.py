@@ -33,7 +33,9 @@ class Publisher(object):
         self.stats = stats
         self.buffer_size = buffer_size
         self.channel = None
-        self.on_return = None  # fn(correlation_id, routing_key, reply_text)
+        #: ``fn(correlation_id, exchange, routing_key, reply_text)`` for a returned
+        #: message: True if it took it (a waiting query), else it is logged here.
+        self.on_return = None
         self._probe = None
         self._confirm = None
         self._confirms = {}

@@ -8,8 +8,9 @@ from amqp import spec
 
 from gevent.event import AsyncResult
 
-from . import _defaults as D
-from ._amqpfast import Delivered, decode_properties, encode_request
+from . import _defaults as D, _logs
+from ._amqpfast import encode_request
+from ._deliver import Delivered, decode_properties
 from .errors import BadMessage, ConnectionLost, KazooError, QueryFailed, QueryTimeout, Unroutable
 from .wire import current_pid, dumps, loads_payload
 
@@ -120,12 +121,10 @@ class ReplyWaiter(object):
             channel.queue_declare(queue=queue, exclusive=True, auto_delete=True)
             channel.queue_bind(queue=queue, exchange=self.targeted_exchange,
                                routing_key=queue)
-            channel.basic_consume(queue=queue, no_ack=True, callback=self._on_reply,
-                                  consumer_tag='kg-targeted')
+            self.link.consume(channel, queue, 'kg-targeted', self._on_reply, True)
             return
         # Direct reply-to needs nothing declared: it works at once on any node.
-        channel.basic_consume(queue=D.DIRECT_REPLY_TO, no_ack=True, callback=self._on_reply,
-                              consumer_tag='kg-reply-to')
+        self.link.consume(channel, D.DIRECT_REPLY_TO, 'kg-reply-to', self._on_reply, True)
         self._declare_reply_queue(conn.channel(), queue)
 
     def _declare_reply_queue(self, channel, queue):
@@ -140,8 +139,7 @@ class ReplyWaiter(object):
         channel.queue_declare(queue=queue, exclusive=True, auto_delete=True, nowait=True)
         channel.queue_bind(queue=queue, exchange=self.targeted_exchange, routing_key=queue,
                            nowait=True)
-        channel.basic_consume(queue=queue, no_ack=True, callback=self._on_reply,
-                              consumer_tag='kg-targeted', nowait=True)
+        self.link.consume(channel, queue, 'kg-targeted', self._on_reply, True, nowait=True)
         if not done_within(channel, D.REPLY_QUEUE_WAIT):
             self.stats.reply_queue_late += 1
             log.warning('reply queue %s not confirmed by the broker within %.1fs (a stalled '
@@ -167,22 +165,32 @@ class ReplyWaiter(object):
         return True
 
     def _on_reply(self, message):
-        """Runs in the greenlet that reads the socket: no blocking here."""
+        """Runs in the greenlet that reads the socket: no blocking here, and never raises:
+        a reply that cannot be used fails the query it names, if any, and is counted."""
         correlation_id = message.properties.get('correlation_id')
         result = self._pending.get(correlation_id) if correlation_id else None
+        bad = getattr(message, 'bad', None)
         try:
             payload = loads_payload(message.body)
         except BadMessage as exc:
+            payload, bad = None, bad or str(exc)
+        if bad:
+            if result is None and payload is not None:   # bad properties, good body
+                result = self._pending.get(_msg_id(payload))
             self.stats.bad_input += 1
-            log.warning('bad reply (correlation_id=%s): %s', correlation_id, exc)
+            _logs.bad_input.warning('bad reply (correlation_id %s, %d bytes): %s%s',
+                                    _logs.short(correlation_id), len(message.body or b''),
+                                    bad, '' if result is not None else
+                                    ' (no waiting query found for it)')
             if result is not None and not result.ready():
-                result.set_exception(QueryFailed('bad reply: %s' % exc))
+                result.set_exception(QueryFailed('bad reply: %s' % bad))
             return
         if result is None:
-            result = self._pending.get(payload.get('Msg-ID'))
+            result = self._pending.get(_msg_id(payload))
         if result is None or result.ready():
             self.stats.replies_unmatched += 1
-            log.debug('reply matches no waiting query (Msg-ID=%s)', payload.get('Msg-ID'))
+            log.debug('reply matches no waiting query (Msg-ID=%s)',
+                      _logs.short(payload.get('Msg-ID')))
             return
         result.set(payload)
 
@@ -265,8 +273,8 @@ class ReplyWaiter(object):
                     self.stats.queries_ok += 1
                     return reply
                 # Not this query's, or not JSON: as the consumer callback would.
-                self._on_reply(Delivered(body, decode_properties(header, 12, len(header)),
-                                         None, None, method))
+                properties, bad = decode_properties(header, 12, len(header))
+                self._on_reply(Delivered(body, properties, None, method, bad))
                 if waiting.ready():
                     break
                 got = fast.ask(None, deadline, waiting.ready, _REPLY_TAGS)
@@ -274,6 +282,10 @@ class ReplyWaiter(object):
             pass
         except link.errors as exc:
             link.lost(exc, gen)   # fails ``waiting`` (_down)
+        except Exception as exc:  # a bug must not leave the stream half-read
+            log.exception('query to %r/%r: unexpected error while reading', exchange,
+                          routing_key)
+            link.lost(exc, gen)
         finally:
             self._pending.pop(msg_id, None)
         return self._outcome(waiting, exchange, routing_key, timeout, msg_id)
@@ -290,6 +302,12 @@ class ReplyWaiter(object):
         reply = result.get(block=False)
         self.stats.queries_ok += 1
         return reply
+
+
+def _msg_id(payload):
+    """The payload's Msg-ID if it is text (anything else matches no query)."""
+    msg_id = payload.get('Msg-ID')
+    return msg_id if isinstance(msg_id, str) else None
 
 
 def done_within(channel, timeout):

@@ -50,9 +50,9 @@ from time import monotonic
 import gevent
 import gevent.local
 
-from . import _defaults as D, runtime
+from . import _defaults as D, _logs, runtime
 from ._query import done_within
-from .errors import KazooError
+from .errors import BadMessage, KazooError
 from .wire import dumps, loads_payload, new_msg_id
 
 __all__ = ['Kazoo', 'Handler', 'KSRLogHandler', 'use_kamailio_log']
@@ -142,7 +142,7 @@ class Kazoo(runtime.Kazoo):
         channel.queue_declare(queue=self.async_queue, durable=False, exclusive=False,
                               auto_delete=False, nowait=not wait,
                               arguments={'x-single-active-consumer': True})
-        channel.queue_bind(queue=self.async_queue, exchange='targeted',
+        channel.queue_bind(queue=self.async_queue, exchange=self._replies.targeted_exchange,
                            routing_key=self.async_queue, nowait=not wait)
         if not wait and not done_within(channel, D.REPLY_QUEUE_WAIT):
             self._stats.reply_queue_late += 1
@@ -163,7 +163,7 @@ class Kazoo(runtime.Kazoo):
         for name in (on_reply, on_timeout):
             if not isinstance(name, str) or not _METHOD.fullmatch(name):
                 raise ValueError('on_reply/on_timeout must be method names, not %r' % (name,))
-        timeout = timeout or self.query_timeout
+        timeout = self._timeout(timeout, self.query_timeout)
         message = self._message(payload)
         KSR = _ksr()
         if KSR.tm.t_newtran() < 0:
@@ -235,26 +235,34 @@ class Kazoo(runtime.Kazoo):
             return
         channel = conn.channel()
         self._declare_async_queue(conn, channel)
-        channel.basic_consume(queue=self.async_queue, no_ack=True,
-                              callback=self._on_async_message, consumer_tag='kg-async')
+        self._sub_link.consume(channel, self.async_queue, 'kg-async', self._on_async_message,
+                               True)
 
     def _on_async_message(self, message):
-        """Runs in the reading greenlet: hand every resume to a worker."""
+        """Runs in the reading greenlet: hand every resume to a worker. Never raises."""
         try:
+            bad = getattr(message, 'bad', None)
+            if bad:
+                raise BadMessage(bad)
             payload = loads_payload(message.body)
-        except KazooError as exc:
+        except BadMessage as exc:
+            # Which transaction it was for is unknown (or untrusted): it is resumed into
+            # on_timeout at its deadline.
             self._stats.bad_input += 1
-            log.warning('bad message on %s: %s', self.async_queue, exc)
+            _logs.bad_input.warning('bad message on %s (%d bytes): %s', self.async_queue,
+                                    len(message.body or b''), exc)
             return
         notice = payload.get('kg-async')
         if notice is not None:
-            self._on_notice(notice)
+            if isinstance(notice, str):
+                self._on_notice(notice)
             return
         msg_id = message.properties.get('correlation_id') or payload.get('Msg-ID')
         info = _parse_async_id(msg_id)
         if info is None:
             self._stats.replies_unmatched += 1
-            log.warning('reply on %s without an async Msg-ID: %r', self.async_queue, msg_id)
+            _logs.bad_input.warning('reply on %s without an async Msg-ID: %s',
+                                    self.async_queue, _logs.short(msg_id))
             return
         self._finish(msg_id, info, payload)
 
@@ -262,8 +270,7 @@ class Kazoo(runtime.Kazoo):
         info = _parse_async_id(msg_id)
         if info is None or msg_id in self._async_done:
             return
-        index, label, on_reply, on_timeout, deadline = info
-        delay = max(0.0, deadline - monotonic())
+        delay = max(0.0, info[4] - monotonic())
         old = self._async_pending.pop(msg_id, None)
         if old is not None:
             old.close()
@@ -331,11 +338,13 @@ class Kazoo(runtime.Kazoo):
 
 def _parse_async_id(msg_id):
     """(index, label, on_reply, on_timeout, deadline) from an async Msg-ID, or None."""
-    if not msg_id or not msg_id.startswith(_ASYNC_PREFIX + ':'):
+    if not isinstance(msg_id, str) or not msg_id.startswith(_ASYNC_PREFIX + ':'):
         return None
     parts = msg_id.split(':')
     if len(parts) != 7:
         return None
+    if not (_METHOD.fullmatch(parts[3]) and _METHOD.fullmatch(parts[4])):
+        return None   # only handler methods named as async_query allows are resumed into
     try:
         return int(parts[1]), int(parts[2]), parts[3], parts[4], int(parts[5]) / 1000.0
     except ValueError:

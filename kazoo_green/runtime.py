@@ -39,7 +39,17 @@ class Kazoo(object):
     ``blocking=True`` makes a caller-driven wait block the whole process in
     ``poll(2)`` instead of switching to gevent's hub: cheaper, and right where
     nothing else runs (Kamailio SIP workers), wrong where other greenlets must
-    run meanwhile. It never applies to started (background) connections.
+    run meanwhile. It never applies to started (background) connections: a
+    connection a caller made is made again when ``start()`` runs.
+
+    ``ssl``: TLS for every broker: True (system CAs, peer and host name
+    verified) or a dict of options (``ca_certs``, ``certfile``, ``keyfile``,
+    ``cert_reqs``, ``server_hostname``, ``check_hostname``, ``ciphers``, ...);
+    ``amqps://`` URLs use TLS with these options (or the defaults) anyway.
+
+    ``fast=False`` leaves every frame to py-amqp (no private hooks of py-amqp are
+    used then; see ``_pyamqp``): slower, for a py-amqp release outside the range
+    kazoo_green is tested with.
 
     Example (no broker needed)::
 
@@ -60,7 +70,7 @@ class Kazoo(object):
                  publish_buffer=D.PUBLISH_BUFFER, connect_timeout=D.CONNECT_TIMEOUT,
                  heartbeat=D.HEARTBEAT, confirm_timeout=D.CONFIRM_TIMEOUT,
                  direct_reply_to=True, poll_interval=D.POLL_INTERVAL,
-                 transport_options=None, blocking=False):
+                 transport_options=None, blocking=False, ssl=None, fast=True):
         self.urls = parse_brokers(brokers)
         self.app_name = app_name
         self.app_version = app_version or __version__
@@ -72,7 +82,7 @@ class Kazoo(object):
         self.dispatcher = Dispatcher(workers)
         link_args = dict(connect_timeout=connect_timeout, heartbeat=heartbeat,
                          poll_interval=poll_interval, transport_options=transport_options,
-                         label=self.node, blocking=blocking)
+                         label=self.node, blocking=blocking, ssl=ssl, fast=fast)
         self._pub_link = Link('publish', self.urls, self._stats, **link_args)
         self._publisher = Publisher(self._pub_link, self._stats, publish_buffer)
         self._replies = ReplyWaiter(self._pub_link, self._publisher, self._stats, self.node,
@@ -87,6 +97,15 @@ class Kazoo(object):
         self._stopped = Event()
 
     # -- sending --------------------------------------------------------
+    @staticmethod
+    def _timeout(value, default):
+        """``value`` seconds, or ``default`` when None (0 means no time at all)."""
+        if value is None:
+            return default
+        if value < 0:
+            raise ValueError('timeout must not be negative: %r' % (value,))
+        return value
+
     def _message(self, payload):
         return stamp(payload, self.app_name, self.app_version, self.node)
 
@@ -111,11 +130,11 @@ class Kazoo(object):
         body = dumps(message)
         try:
             if confirm:
-                deadline = monotonic() + (timeout or self.confirm_timeout)
+                deadline = monotonic() + self._timeout(timeout, self.confirm_timeout)
                 self._publisher.publish_confirmed(exchange, routing_key, body, headers, props,
                                                   mandatory, deadline)
             else:
-                deadline = monotonic() + (timeout or self.query_timeout)
+                deadline = monotonic() + self._timeout(timeout, self.query_timeout)
                 self._publisher.publish(exchange, routing_key, body, headers, props,
                                         mandatory, deadline)
         except KazooError:
@@ -136,7 +155,8 @@ class Kazoo(object):
         """
         message = self._message(payload)
         return self._replies.query(exchange, routing_key, message,
-                                   timeout or self.query_timeout, headers, mandatory)
+                                   self._timeout(timeout, self.query_timeout), headers,
+                                   mandatory)
 
     def respond(self, request, reply, meta=None):
         """Answer a query consumed by an event route (for responders).

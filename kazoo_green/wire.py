@@ -101,12 +101,17 @@ def dumps(payload):
     simplejson's Python layers cost ~15 µs more); what orjson refuses (integers beyond
     64 bits, non-string keys, Decimal) simplejson writes. The text is the same JSON
     (compact, UTF-8), except that a NaN or infinite float becomes ``null`` (simplejson
-    raised ValueError).
+    raised ValueError). What neither can write (a set, nesting deeper than Python's
+    recursion limit, text that is not valid Unicode) raises InvalidPayload.
     """
     try:
         return _orjson_dumps(payload)
     except TypeError:
-        return _dumps(payload).encode('utf-8')
+        try:
+            return _dumps(payload).encode('utf-8')
+        except (TypeError, ValueError, RecursionError) as exc:
+            raise InvalidPayload('payload cannot be written as JSON: %s: %s'
+                                 % (type(exc).__name__, exc)) from None
 
 
 def to_payload(payload):
@@ -116,7 +121,7 @@ def to_payload(payload):
     if isinstance(payload, (str, bytes, bytearray)):
         try:
             value = _loads(payload.decode('utf-8') if not isinstance(payload, str) else payload)
-        except (ValueError, UnicodeDecodeError) as exc:
+        except (ValueError, UnicodeDecodeError, RecursionError) as exc:
             raise InvalidPayload('payload is not valid JSON: %s' % exc) from None
         if not isinstance(value, dict):
             raise InvalidPayload('payload must be a JSON object, got %s' % type(value).__name__)
@@ -146,7 +151,13 @@ def loads_payload(body):
                 value = None
         if value is None:
             value = _loads(body)
+    except RecursionError:
+        raise BadMessage('not JSON', 'nested too deeply') from None
     except ValueError as exc:
+        if 'integer string conversion' in str(exc):
+            # Python refuses to read integers of more than sys.get_int_max_str_digits()
+            # (4300) digits: the work grows with the square of the length.
+            raise BadMessage('not JSON', 'an integer has too many digits') from None
         raise BadMessage('not JSON', str(exc)) from None
     if not isinstance(value, dict):
         raise BadMessage('JSON is not an object', type(value).__name__)
