@@ -3,10 +3,11 @@
 # Kamailio's app_python3 embeds, so Kamailio imports exactly what tests use.
 BASE_PYTHON ?= /usr/bin/python3
 VENV ?= .venv
+VENV_LOWEST ?= .venv-lowest
 PY = $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: venv demo test unit integration e2e bench compare clean
+.PHONY: venv demo test unit integration e2e bench compare clean venv-lowest test-lowest
 
 $(VENV)/.installed: requirements.txt requirements-test.txt setup.py
 	bash tests/tools/venv.sh $(BASE_PYTHON) $(VENV)
@@ -17,10 +18,14 @@ venv: $(VENV)/.installed
 demo: venv
 	$(VENV)/bin/kazoo-green demo
 
-# Everything: installs and starts what the tests need, then runs all of them.
-test: venv
+# Everything: installs and starts what the tests need, then runs all of them at the
+# newest versions requirements*.txt allow, then the library-facing ones (unit,
+# integration) at the lowest (requirements-lowest.txt).
+test: venv venv-lowest
 	bash tests/tools/services.sh
 	$(PY) -m pytest tests $(PYTEST_ARGS)
+	$(VENV_LOWEST)/bin/python tests/tools/check_pins.py requirements-lowest.txt
+	$(VENV_LOWEST)/bin/python -m pytest tests/unit tests/integration $(PYTEST_ARGS)
 
 unit: venv
 	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
@@ -32,6 +37,22 @@ integration: venv
 e2e: venv
 	bash tests/tools/services.sh
 	$(PY) -m pytest tests/e2e $(PYTEST_ARGS)
+
+# The same tests at the LOWEST versions requirements*.txt allow (pinned in
+# requirements-lowest.txt), in a venv of their own: the broker-backed tests that
+# exercise gevent, kombu and py-amqp (not e2e/failover: Kamailio, a cluster).
+
+$(VENV_LOWEST)/.installed: requirements.txt requirements-test.txt requirements-lowest.txt setup.py
+	bash tests/tools/venv.sh $(BASE_PYTHON) $(VENV_LOWEST) requirements-lowest.txt
+	$(VENV_LOWEST)/bin/python tests/tools/check_pins.py requirements-lowest.txt
+	touch $@
+
+venv-lowest: $(VENV_LOWEST)/.installed
+
+test-lowest: venv-lowest
+	$(VENV_LOWEST)/bin/python tests/tools/check_pins.py requirements-lowest.txt
+	bash tests/tools/services.sh
+	$(VENV_LOWEST)/bin/python -m pytest tests/unit tests/integration $(PYTEST_ARGS)
 
 bench: venv
 	bash tests/tools/services.sh
@@ -45,4 +66,4 @@ compare: venv
 	$(PY) bench/compare.py $(COMPARE_ARGS)
 
 clean:
-	rm -rf $(VENV) build dist *.egg-info .pytest_cache
+	rm -rf $(VENV) $(VENV_LOWEST) build dist *.egg-info .pytest_cache
