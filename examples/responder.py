@@ -7,7 +7,8 @@ Answers on exchange ``callmgr`` (topic), routing key ``route.req``:
 * anyone else: ``Route: sip:<To>@127.0.0.1:5090`` (302 with that Contact).
 
 Brokers come from ``KAZOO_GREEN_BROKERS`` (``;``-separated), default the local
-RabbitMQ. Stops on SIGTERM/SIGINT.
+RabbitMQ; TLS options from ``KAZOO_GREEN_AMQPS_*`` (``kazoo_green.ssl_from_env``).
+Stops on SIGTERM/SIGINT.
 
     python examples/responder.py
 """
@@ -23,7 +24,7 @@ import gevent
 SLOW_SECONDS = 5.0
 
 kz = Kazoo(os.environ.get('KAZOO_GREEN_BROKERS', 'amqp://guest:guest@127.0.0.1:5672//'),
-           app_name='responder', workers=16)
+           app_name='responder', workers=16, ssl=kazoo_green.ssl_from_env())
 
 
 @kz.event_route('kazoo:consumer-event-route-req')

@@ -16,6 +16,10 @@ Library use::
     c.freeze(3); c.thaw(3)         # SIGSTOP / SIGCONT node 3's beam.smp
     c.stop()                       # stops every node, kills leftovers, removes base_dir
 
+``Cluster(names=('x1',), ports=(P,))`` is a single standalone node; ``extra_config`` (lines
+appended to rabbitmq.conf) and ``extra_files`` (written into the node dir, readable by user
+``rabbitmq``) add e.g. a TLS listener and its certificates: tests/tls.py does that.
+
 Nodes are numbered from 1 like their names (``node(1) == 'kgc1@localhost'``); only the
 ``urls`` list is 0-based (``urls[0]`` is node 1).
 
@@ -273,7 +277,14 @@ class Cluster:
     """
 
     def __init__(self, base_dir=None, names=('kgc1', 'kgc2', 'kgc3'),
-                 ports=(5681, 5682, 5683), partition_handling='autoheal'):
+                 ports=(5681, 5682, 5683), partition_handling='autoheal',
+                 extra_config='', extra_files=None):
+        """``extra_config``: lines appended to every node's rabbitmq.conf (e.g. a TLS
+        listener), or a callable ``f(i)`` returning node i's lines.  ``extra_files``:
+        ``{path relative to the node dir: str or bytes}`` written into every node dir
+        before it boots (mode 0600, owned like the rest of the node dir by user
+        ``rabbitmq``, so the node can read e.g. certificates), or a callable ``f(i)``
+        returning node i's dict.  Both default to nothing: the plain test cluster."""
         if len(names) != len(ports) or not names:
             raise ValueError('names and ports must have the same, non-zero length')
         self.host = _system_host()
@@ -282,6 +293,8 @@ class Cluster:
         self.base_dir = os.path.abspath(
             base_dir or os.environ.get('KGC_CLUSTER_DIR') or '/tmp/kgc-cluster-%d' % ports[0])
         self.partition_handling = partition_handling  # rabbitmq.conf cluster_partition_handling
+        self.extra_config = extra_config
+        self.extra_files = extra_files or {}
         self.timings = {}          # seconds: 'start' (of which 'boot': VMs up), 'stop'
         self._frozen = set()       # indices we SIGSTOPped
         self._app_stopped = set()  # indices whose rabbit app we stopped (VM still up)
@@ -514,17 +527,36 @@ class Cluster:
         return int(out.strip())
 
     # ---- booting -----------------------------------------------------------------------
+    def rabbitmq_conf(self, i):
+        """The text of node i's rabbitmq.conf (written by :meth:`_prepare` at each boot)."""
+        extra = self.extra_config(i) if callable(self.extra_config) else self.extra_config
+        if extra and not extra.endswith('\n'):
+            extra += '\n'
+        return ('listeners.tcp.1 = 127.0.0.1:%d\n'
+                'loopback_users.guest = true\n'
+                'cluster_partition_handling = %s\n'
+                'collect_statistics_interval = 1000\n'
+                % (self.port(i), self.partition_handling)) + (extra or '')
+
+    def _extra_files(self, i):
+        files = self.extra_files(i) if callable(self.extra_files) else self.extra_files
+        return dict(files or {})
+
     def _prepare(self, i):
         d = self.node_dir(i)
         os.makedirs(os.path.join(d, 'log'), exist_ok=True)
         os.makedirs(os.path.join(d, 'mnesia'), exist_ok=True)
+        for name, data in self._extra_files(i).items():
+            path = os.path.normpath(os.path.join(d, name))
+            if not path.startswith(d + os.sep):
+                raise ValueError('extra file %r is outside the node dir' % name)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with open(fd, 'wb') as f:
+                f.write(data.encode() if isinstance(data, str) else data)
         files = {
             'enabled_plugins': '[].\n',
-            'rabbitmq.conf': 'listeners.tcp.1 = 127.0.0.1:%d\n'
-                             'loopback_users.guest = true\n'
-                             'cluster_partition_handling = %s\n'
-                             'collect_statistics_interval = 1000\n'
-                             % (self.port(i), self.partition_handling),
+            'rabbitmq.conf': self.rabbitmq_conf(i),
             # queue message counts (list_queues) of quorum queues are refreshed every tick
             'advanced.config': '[{rabbit, [{quorum_tick_interval, 1000}]}].\n',
             'rabbitmq-env.conf': '# kgc test node: nothing from /etc/rabbitmq/rabbitmq-env.conf\n',

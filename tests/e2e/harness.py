@@ -19,15 +19,26 @@ SIP_PORT = 5060
 CTL = 'unix:/tmp/kazoo_green_e2e_ctl'
 
 
-def rabbit_queues():
-    out = subprocess.run(['rabbitmqctl', '-q', 'list_queues', 'name', 'consumers', 'messages'],
-                         capture_output=True, text=True, timeout=60).stdout
+def parse_queues(out):
+    """``list_queues name consumers messages`` output as {name: (consumers, messages)}."""
     queues = {}
     for line in out.splitlines():
         parts = line.split('\t')
         if len(parts) == 3 and parts[1].isdigit():
             queues[parts[0]] = (int(parts[1]), int(parts[2]))
     return queues
+
+
+def rabbit_queues():
+    """The queues of the local RabbitMQ (127.0.0.1:5672)."""
+    return parse_queues(subprocess.run(
+        ['rabbitmqctl', '-q', 'list_queues', 'name', 'consumers', 'messages'],
+        capture_output=True, text=True, timeout=60).stdout)
+
+
+def node_queues(node, i=1):
+    """A ``queues`` function for node ``i`` of a tests.cluster.Cluster (or the TLS node)."""
+    return lambda: parse_queues(node.ctl(i, 'list_queues', 'name', 'consumers', 'messages'))
 
 
 def wait_until(predicate, timeout, interval=0.1):

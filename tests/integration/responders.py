@@ -8,7 +8,10 @@ as 'generic' with a body that is not JSON. A request with AMQP headers gets them
 in ``Headers``.
 """
 
+import os
 import socket
+import subprocess
+import sys
 
 import kazoo_green  # noqa: F401  (gevent's patching before kombu, also when run alone)
 import amqp
@@ -19,12 +22,15 @@ from kombu import Connection
 
 from ..conftest import RABBIT_URL, unique
 
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
 
 class PlainResponder(object):
     def __init__(self, exchange, routing_key, style, delay=0.0, url=RABBIT_URL):
         self.style = style
         self.delay = delay
         self.requests = []
+        self.answered = 0   # replies published
         self.conn = Connection(url)
         self.conn.connect()
         self.channel = self.conn.channel()
@@ -62,6 +68,8 @@ class PlainResponder(object):
             self._answer(request, message.properties)
 
     def _answer(self, request, props):
+        if not self._running:
+            return   # a delayed answer after close()
         body = {'Answer': request.get('To'), 'Style': self.style}
         if props.get('application_headers'):
             body['Headers'] = props['application_headers']
@@ -79,6 +87,7 @@ class PlainResponder(object):
             exchange, key = '', props['reply_to']
         with self._lock:
             self.channel.basic_publish(msg, exchange=exchange, routing_key=key)
+        self.answered += 1
 
     def close(self):
         self._running = False
@@ -87,6 +96,21 @@ class PlainResponder(object):
             self.conn.release()
         except Exception:
             pass
+
+
+def spawn(exchange, style='kazoo', delay=0.0, url=None):
+    """A PlainResponder in a process of its own (``main``), consuming once this returns:
+    for callers that block their whole process while they wait. ``url``: its broker."""
+    env = dict(os.environ)
+    if url:
+        env['KAZOO_GREEN_TEST_BROKER'] = url
+    proc = subprocess.Popen([sys.executable, '-m', 'tests.integration.responders', exchange,
+                             style, str(delay)], stdout=subprocess.PIPE, text=True, cwd=ROOT,
+                            env=env)
+    if proc.stdout.readline().strip() != 'ready':
+        proc.kill()
+        raise RuntimeError('responder process did not start (exit %s)' % proc.wait())
+    return proc
 
 
 def main(argv):
