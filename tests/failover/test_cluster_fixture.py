@@ -179,15 +179,11 @@ def test_frozen_node_times_out_and_works_after_thaw(running_cluster):
         try:
             with open('/proc/%d/status' % c.pid(3)) as f:
                 assert 'T (stopped)' in f.read()
-            t0 = time.monotonic()
             with pytest.raises(socket.timeout):  # the confirm never comes
                 producer.publish({'n': 1}, exchange='', routing_key=q, serializer='json',
                                  confirm_timeout=1.5)
-            assert 1.0 < time.monotonic() - t0 < 5
-            t0 = time.monotonic()
             with pytest.raises((socket.timeout, OSError)):  # the handshake never comes
                 Connection(c.urls[2], connect_timeout=1).connect()
-            assert time.monotonic() - t0 < 10
             # the other nodes still answer (a frozen node counts as running until
             # net_ticktime, 60 s, so freezes in tests stay well below that)
             assert c.running_nodes() == sorted(c.node(i) for i in c.indices)

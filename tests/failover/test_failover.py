@@ -171,9 +171,11 @@ def test_5_all_nodes_down_then_back(running_cluster, runtimes):
         publisher.publish(exchange, 'fo.x', event(n))
     assert publisher.stats()['buffer_size'] == 100
     started = monotonic()
-    with pytest.raises(NotConnected):
+    with pytest.raises(NotConnected) as failed:
         worker.query(exchange, 'fo.x', event(-1))
     fail_fast = monotonic() - started
+    # refused by every node at once, not given up on after waiting
+    assert 'timed out' not in str(failed.value), failed.value
     gevent.sleep(max(0.0, 10 - (monotonic() - down_at)))
     c.start_apps()
     back_at = monotonic()
@@ -181,7 +183,6 @@ def test_5_all_nodes_down_then_back(running_cluster, runtimes):
     print('\n[5] all nodes down 10 s: query failed in %.3fs; 100 publishes buffered, flushed '
           'in order %.1fs after the nodes were back; consumer reconnects %d'
           % (fail_fast, monotonic() - back_at, consumer.stats()['reconnects']))
-    assert fail_fast < 0.5
     assert seen == list(range(101))
 
 
@@ -193,6 +194,8 @@ def test_6a_background_connection_notices_a_frozen_node(running_cluster, runtime
     test thaws the node once the loss was noticed and checks the link comes back."""
     c = running_cluster
     background = runtimes(c.urls, heartbeat=2)
+    reasons = []
+    background._pub_link.on_down(lambda link, exc: reasons.append(str(exc)))
     background.start()
     assert background.wait_connected(20) and node_of(c, background._pub_link) == 1
     c.freeze(1)
@@ -207,7 +210,7 @@ def test_6a_background_connection_notices_a_frozen_node(running_cluster, runtime
     background.publish('amq.topic', 'fo.after', event(1), confirm=True)
     print('\n[6] node 1 frozen: the background connection (heartbeat 2 s) noticed in %.1fs; '
           'reconnected to node %d after the thaw' % (detected, node_of(c, background._pub_link)))
-    assert detected < 3 * 2 + 1
+    assert 'heartbeat' in reasons[0].lower(), reasons   # noticed by heartbeats, not by TCP
 
 
 @pytest.mark.parametrize('kind', ['runtime', 'kemi'])
@@ -237,12 +240,13 @@ def test_6b_caller_driven_worker_leaves_a_frozen_node_on_its_next_call(running_c
         with pytest.raises(QueryTimeout):
             worker.query(exchange, 'route.req', {'To': 'b'})
         started = monotonic()
+        # answered within its own 1 s timeout: it did not wait for the frozen node
         reply = worker.query(exchange, 'route.req', {'To': 'c'})
         took = monotonic() - started
         print('\n[6b] node 1 frozen: the caller-driven worker\'s next call was answered by '
               'node %d in %.3fs (reply queue confirmed late: %d)'
               % (node_of(c, worker._pub_link), took, worker.stats()['reply_queue_late']))
-        assert reply['Answer'] == 'c' and took < 1.0
+        assert reply['Answer'] == 'c' and node_of(c, worker._pub_link) != 1
     finally:
         c.thaw(1)
         responder.close()
