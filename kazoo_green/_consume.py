@@ -2,12 +2,13 @@
 
 import logging
 import os
+from time import monotonic
 
 import gevent
 
 from . import _defaults as D, _logs
 from ._dispatch import Delivery
-from .errors import BadMessage, KazooError
+from .errors import BadMessage, KazooError, NotConnected
 from .wire import loads_payload, route_names
 
 __all__ = ['Subscription', 'Subscriber', 'ACK_MODES']
@@ -52,12 +53,32 @@ class Subscription(object):
         self.tag = None
         self.channel = None  # the consuming channel of the current connection
         self.retrying = False  # a greenlet is trying to set it up again
+        self.serial = 0  # bumped for each new connection and broker cancel: see queue_name
         self.queue_in_use = queue
 
     def queue_name(self, node, index):
+        """``queue``, or a name made up for this process, subscription and ``serial``.
+
+        A made-up name is new on every connection (and after the broker cancelled the
+        consumer), like the reply queue's: RabbitMQ 3.x (Mnesia) cleans up the transient
+        queues of a node that died on every surviving node, each listing them, deleting
+        them *by name* and then their topic bindings, in separate transactions. A queue
+        declared and bound again under the old name meanwhile loses its record or its
+        topic binding to that cleanup: nothing is routed to it any more while its
+        consumer lives on, never cancelled (rabbitmq-server#6271, #9798). Only queues
+        that go away with their consumer are renamed (``renamable``): a durable or
+        lasting one under a new name would leave the old one filling up unconsumed.
+        """
         if self.queue:
             return self.queue
-        return '%s-%s-<%d>-%d' % (node, self.exchange or 'default', os.getpid(), index)
+        return '%s-%s-<%d>-%d%s' % (node, self.exchange or 'default', os.getpid(), index,
+                                    '-%d' % self.serial if self.serial else '')
+
+    @property
+    def renamable(self):
+        """A made-up name for a transient queue that goes away with its consumer."""
+        return (self.queue is None and not self.durable
+                and bool(self.auto_delete or self.exclusive))
 
     def __repr__(self):
         return '<Subscription %s %r -> %r ack=%s>' % (self.exchange, self.routing_keys,
@@ -76,6 +97,7 @@ class Subscriber(object):
         self.prefetch = prefetch
         self.subscriptions = []
         self._unrouted_seen = set()
+        self._connections = 0
         link.add_up_hook(self._setup_all)
         link.on_down(self._down)
 
@@ -92,7 +114,11 @@ class Subscriber(object):
         return sub
 
     def _setup_all(self, conn):
+        renew = self._connections > 0
+        self._connections += 1
         for sub in self.subscriptions:
+            if renew and sub.renamable:
+                sub.serial += 1  # the names used before may be swept: see queue_name
             try:
                 self._setup(sub, conn)
             except self.link.channel_errors as exc:
@@ -114,8 +140,20 @@ class Subscriber(object):
             while True:
                 gevent.sleep(delay)
                 link = self.link
-                if sub.channel is not None or not link.connected or sub not in self.subscriptions:
-                    return  # done meanwhile, or the next connect sets it up
+                if sub.channel is not None or sub not in self.subscriptions:
+                    return  # done meanwhile (a reconnect sets every subscription up)
+                if not link.connected:
+                    # Still connecting (a retry planned by _setup_all starts while the
+                    # connection's later subscriptions are set up, before the link counts
+                    # as up), or reconnecting: wait for it, then look again.
+                    if link._reader is None:
+                        return  # stopped
+                    try:
+                        link.ensure(monotonic() + D.SETUP_RETRY_MAX, wait=True)
+                    except NotConnected:
+                        pass
+                    delay = 0
+                    continue
                 try:
                     link.rpc(self._setup, sub, link._conn)
                 except link.channel_errors as exc:
@@ -165,6 +203,8 @@ class Subscriber(object):
             if sub.tag == tag:
                 log.warning('broker cancelled the consumer of %r; declaring it again', sub)
                 sub.channel = None
+                if sub.renamable:
+                    sub.serial += 1
                 self._retry_later(sub, delay=0)
 
     def _down(self, link, exc):
