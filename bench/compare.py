@@ -13,7 +13,15 @@ one at a time, restarted for every measurement (only one can hold 127.0.0.1:5060
                 layers, no error handling): the least a sync query in Python can cost
     floor       bench/systems/floor.cfg, app_python3 answering without any AMQP
 
-All use one examples/responder.py (started here) and the local RabbitMQ. Per system:
+and, only when asked for with --systems, kg-sync and kg-async against the TLS node of
+tests/tls.py (booted here), once through its TLS listener and once through its plain
+one, so TLS and plain TCP are compared on the same broker:
+
+    kg-sync-tls, kg-async-tls    amqps://, the CA given as KAZOO_GREEN_AMQPS_CA_CERT
+    kg-sync-tcp, kg-async-tcp    amqp:// to the same node
+
+All use one examples/responder.py (started here; one more on the TLS node for the TLS
+systems) and the local RabbitMQ. Per system:
 answered/failed calls at fixed offered rates (systems alternate within each rate, so
 ratios hold on a noisy machine), the highest offered rate without a failure (steps up
 x1.25 until failures, then bisects), p50/p99 response time and Kamailio CPU µs per call
@@ -64,10 +72,42 @@ KAZOO_NODE = 'kg-compare'             # c-kazoo's node_hostname (see c_kazoo.cfg
 CTL = 'unix:/tmp/kazoo_green_compare_ctl'
 
 
+class TLSNodeBroker(object):
+    """The TLS node of tests/tls.py, booted on first use: env for a Kamailio reaching it
+    through its TLS or plain listener, and its queue list."""
+
+    broker = None
+
+    @classmethod
+    def start(cls):
+        if cls.broker is None:
+            from tests.tls import start_tls_broker
+            cls.broker = start_tls_broker()
+        return cls.broker
+
+    @classmethod
+    def env(cls, tls):
+        b = cls.start()
+        if tls:
+            return {'KAZOO_GREEN_BROKERS': b.amqps_url, 'KAZOO_GREEN_AMQPS_CA_CERT': b.ca}
+        return {'KAZOO_GREEN_BROKERS': b.amqp_url}
+
+    @classmethod
+    def queues(cls):
+        return harness.node_queues(cls.start().node)()
+
+    @classmethod
+    def stop(cls):
+        if cls.broker is not None:
+            cls.broker.node.stop()
+            cls.broker = None
+
+
 def _kg_ready(kamailio):
     """The example's own readiness: consumer link up and its async queue consumed."""
+    queues = TLSNodeBroker.queues if kamailio.system.broker else harness.rabbit_queues
     return ('consume link: connected' in kamailio.log()
-            and harness.rabbit_queues().get('%s-async' % NODE, (0, 0))[0] >= 1)
+            and queues().get('%s-async' % NODE, (0, 0))[0] >= 1)
 
 
 def _c_kazoo_ready(kamailio):
@@ -75,7 +115,10 @@ def _c_kazoo_ready(kamailio):
     return any(name.startswith('kamailio@%s-' % KAZOO_NODE) for name in harness.rabbit_queues())
 
 
-System = collections.namedtuple('System', 'name cfg user ready module')
+#: broker: None (the local RabbitMQ), 'tls' or 'tcp' (the TLS node, through its TLS or
+#: its plain listener).
+System = collections.namedtuple('System', 'name cfg user ready module broker')
+System.__new__.__defaults__ = (None,)
 
 SYSTEMS = collections.OrderedDict((s.name, s) for s in (
     System('kg-sync', harness.KAMAILIO_CFG, 'benchuser', _kg_ready, None),
@@ -87,6 +130,14 @@ SYSTEMS = collections.OrderedDict((s.name, s) for s in (
     System('py-bound', os.path.join(SYSTEMS_DIR, 'bound.cfg'), 'benchuser', None, None),
     System('floor', os.path.join(SYSTEMS_DIR, 'floor.cfg'), 'benchuser', None, None),
 ))
+#: Run only when named in --systems.
+TLS_SYSTEMS = collections.OrderedDict((s.name, s) for s in (
+    System('kg-sync-tcp', harness.KAMAILIO_CFG, 'benchuser', _kg_ready, None, 'tcp'),
+    System('kg-sync-tls', harness.KAMAILIO_CFG, 'benchuser', _kg_ready, None, 'tls'),
+    System('kg-async-tcp', harness.KAMAILIO_CFG, 'asyncbenchuser', _kg_ready, None, 'tcp'),
+    System('kg-async-tls', harness.KAMAILIO_CFG, 'asyncbenchuser', _kg_ready, None, 'tls'),
+))
+ALL_SYSTEMS = collections.OrderedDict(list(SYSTEMS.items()) + list(TLS_SYSTEMS.items()))
 SYNC_PROBE = System('c-kazoo-sync', os.path.join(SYSTEMS_DIR, 'c_kazoo_sync.cfg'),
                     'benchuser', _c_kazoo_ready, 'kazoo')
 
@@ -123,6 +174,8 @@ class BenchKamailio(harness.Kamailio):
             raise RuntimeError('something already answers on 127.0.0.1:%d' % harness.SIP_PORT)
         env = dict(os.environ, PWD=harness.ROOT, KAZOO_GREEN_CTL=CTL, KAZOO_GREEN_NODE=NODE,
                    KG_BENCH_SYSTEMS=SYSTEMS_DIR)
+        if self.system.broker:
+            env.update(TLSNodeBroker.env(self.system.broker == 'tls'))
         self._log = open(self.log_path, 'a')
         self.proc = subprocess.Popen(['kamailio', '-f', self.system.cfg, '-DD', '-E', '-m', '256'],
                                      cwd=harness.ROOT, env=env, stdout=self._log,
@@ -387,6 +440,18 @@ def report(args, systems, clean, survival, bench, probe, started, elapsed):
                 s.name, _ratio(clean.get(s.name), clean.get('c-kazoo')),
                 _ratio(r and r['cpu_us'], base and base['cpu_us']),
                 _ratio(r and r['p99'], base and base['p99'])))
+    pairs = [(t, t.replace('-tls', '-tcp')) for t in ref if t.endswith('-tls')
+             and t.replace('-tls', '-tcp') in ref]
+    if pairs:
+        lines += ['', 'TLS against plain TCP to the same broker node:', '',
+                  '| systems | CPU µs/call @%d TLS / TCP | ratio | p99 ms @%d TLS / TCP |'
+                  % (args.ref_rate, args.ref_rate), '|---|---|---|---|']
+        for tls, tcp in pairs:
+            a, b = ref[tls], ref[tcp]
+            lines.append('| %s / %s | %s / %s | %s | %s / %s |' % (
+                tls, tcp, _fmt(a and a['cpu_us']), _fmt(b and b['cpu_us']),
+                _ratio(a and a['cpu_us'], b and b['cpu_us']), _fmt(a and a['p99'], '%g'),
+                _fmt(b and b['p99'], '%g')))
     if probe:
         lines += ['', 'C kazoo module, sync `kazoo_query` probe (bench/systems/c_kazoo_sync.cfg):'
                   ' %s' % probe]
@@ -441,7 +506,8 @@ def parse_args():
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--systems', default=','.join(SYSTEMS),
-                   help='comma-separated subset of: %s' % ', '.join(SYSTEMS))
+                   help='comma-separated subset of: %s (default: all but the last four)'
+                   % ', '.join(ALL_SYSTEMS))
     p.add_argument('--rates', help='fixed offered rates, cps (default 500,1000,2000)')
     p.add_argument('--seconds', type=int, help='seconds per fixed rate (default 10)')
     p.add_argument('--ref-rate', type=int, help='rate of the p50/p99/CPU columns '
@@ -472,7 +538,7 @@ def parse_args():
     args.rates = [int(r) for r in str(args.rates).split(',')]
     if args.ref_rate not in args.rates:
         p.error('--ref-rate %d is not one of --rates' % args.ref_rate)
-    unknown = set(args.systems.split(',')) - set(SYSTEMS)
+    unknown = set(args.systems.split(',')) - set(ALL_SYSTEMS)
     if unknown:
         p.error('unknown system(s): %s' % ', '.join(sorted(unknown)))
     return args
@@ -480,7 +546,7 @@ def parse_args():
 
 def main():
     args = parse_args()
-    systems = [SYSTEMS[name] for name in args.systems.split(',')]
+    systems = [ALL_SYSTEMS[name] for name in args.systems.split(',')]
     missing = sorted({s.module for s in systems if s.module and not os.path.exists(
         os.path.join(MODULES_DIR, s.module + '.so'))})
     if missing:
@@ -491,6 +557,12 @@ def main():
     declare_targeted()
     responder = harness.Responder(os.path.join(logdir, 'responder.log'))
     responder.start()
+    responders = [responder]
+    if any(s.broker for s in systems):   # a responder on the TLS node too
+        responders.append(harness.Responder(os.path.join(logdir, 'responder-tls-node.log'),
+                                            env=TLSNodeBroker.env(False),
+                                            queues=TLSNodeBroker.queues))
+        responders[-1].start()
     bench = Bench(args, logdir)
     clean, survival, probe = {}, {}, None
     try:
@@ -512,7 +584,9 @@ def main():
                     else:
                         survival[s.name] = 'no clean rate to start from'
     finally:
-        responder.stop()
+        for r in responders:
+            r.stop()
+        TLSNodeBroker.stop()
     elapsed = time.monotonic() - t0
     table = report(args, systems, clean, survival, bench, probe, started, elapsed)
     print('\n' + table)

@@ -12,6 +12,10 @@ sleeps ~4 ms between calls, so every call starts with cold caches). The two alte
 query by query, so both see the same machine. Needs the local RabbitMQ; starts
 examples/responder.py.
 
+``--tls``: both over plain TCP and over TLS to one broker node (the TLS node of
+tests/tls.py, booted here, through its plain and its TLS listener), all four alternating
+query by query; ``bare`` over TLS sends and receives through the SSL socket.
+
 Then the pieces of a query, each timed alone, warm and cold (16 MB touched before each
 call, which evicts the caches as the other processes do between a worker's calls):
 envelope stamping, JSON encoding (kazoo_green's ``dumps``: orjson, against simplejson's
@@ -25,6 +29,7 @@ query's cost follows the code and data it touches, so fewer bytecodes and fewer
 functions mean less CPU.
 
     .venv/bin/python bench/query_cost.py [--queries 2000] [--pause 0.004] [--pieces 1000]
+        [--tls]
 """
 
 import argparse
@@ -56,57 +61,95 @@ def main():
                         help='seconds between queries in the paced rounds')
     parser.add_argument('--pieces', type=int, default=1000,
                         help='calls per piece in the warm/cold table (0: skip it)')
+    parser.add_argument('--tls', action='store_true',
+                        help='plain TCP and TLS side by side, to the TLS node of tests/tls.py')
     args = parser.parse_args()
 
-    responder = harness.Responder(os.path.join(tempfile.mkdtemp(prefix='kg-cost-'),
-                                               'responder.log'))
+    node = None
+    if args.tls:
+        from tests.tls import start_tls_broker
+        node = start_tls_broker()
+        transports = [('tcp', node.amqp_url, None), ('tls', node.amqps_url, {'ca_certs': node.ca})]
+        responder = harness.Responder(os.path.join(tempfile.mkdtemp(prefix='kg-cost-'),
+                                                   'responder.log'),
+                                      env={'KAZOO_GREEN_BROKERS': node.amqp_url},
+                                      queues=harness.node_queues(node.node))
+    else:
+        transports = [('tcp', None, None)]
+        responder = harness.Responder(os.path.join(tempfile.mkdtemp(prefix='kg-cost-'),
+                                                   'responder.log'))
     responder.start()
-    kz = Kazoo(app_name='kamailio', node='kamailio@kg-query-cost', blocking=True)
+    runtimes = []
     try:
-        kz.query('callmgr', 'route.req', request(0))  # connected, reply queue ready
-        link = kz._pub_link
-        sock = getattr(link.fast.sock, '_sock', link.fast.sock)
-        poller = _poll()
-        poller.register(sock.fileno(), _POLLIN)
-        channel_id = kz._publisher.channel.channel_id
-        server_id = kz._replies.server_id
-
-        def bare(i):
-            msg_id = 'bare-%d' % i
-            body = dumps(dict(request(i), **{'Msg-ID': msg_id, 'Server-ID': server_id}))
-            sock.send(encode_publish(channel_id, 'callmgr', 'route.req', body, {
-                'content_type': 'application/json', 'correlation_id': msg_id,
-                'reply_to': 'amq.rabbitmq.reply-to'}, None, True, link.fast.frame_max))
-            while True:
-                poller.poll(-1)
-                if sock.recv(65536).endswith(b'}\xce'):  # a JSON body's last frame
-                    return
-
-        def kazoo_green(i):
-            assert kz.query('callmgr', 'route.req', request(i))['Route']
-
+        calls = {}
+        for name, url, ssl in transports:
+            kz = Kazoo(url, app_name='kamailio', node='kamailio@kg-query-cost-%s' % name,
+                       blocking=True, ssl=ssl)
+            runtimes.append(kz)
+            kz.query('callmgr', 'route.req', request(0))  # connected, reply queue ready
+            suffix = '' if len(transports) == 1 else ' ' + name
+            calls['bare' + suffix] = bare_query(kz)
+            calls['kazoo_green' + suffix] = kazoo_green_query(kz)
         for pause in (0.0, args.pause):
-            spent = {'bare': 0.0, 'kazoo_green': 0.0}
+            spent = dict((name, 0.0) for name in calls)
             for i in range(args.queries):
-                for name, fn in (('bare', bare), ('kazoo_green', kazoo_green)):
+                for name, fn in calls.items():
                     started = time.thread_time()
                     fn(i)
                     spent[name] += time.thread_time() - started
                     if pause:
                         time.sleep(pause)
             per = dict((k, v / args.queries * 1e6) for k, v in spent.items())
-            print('%-13s bare %6.1f µs/query   kazoo_green %6.1f µs/query   '
-                  'difference %6.1f µs' % ('paused %.0f ms' % (pause * 1e3) if pause
-                                           else 'back to back', per['bare'],
-                                           per['kazoo_green'],
-                                           per['kazoo_green'] - per['bare']))
+            label = 'paused %.0f ms' % (pause * 1e3) if pause else 'back to back'
+            for name, _, _ in transports:
+                suffix = '' if len(transports) == 1 else ' ' + name
+                print('%-13s%s bare %6.1f µs/query   kazoo_green %6.1f µs/query   '
+                      'difference %6.1f µs' % (label, (' %-4s' % name) if suffix else '',
+                                               per['bare' + suffix],
+                                               per['kazoo_green' + suffix],
+                                               per['kazoo_green' + suffix]
+                                               - per['bare' + suffix]))
             sys.stdout.flush()
         if args.pieces:
-            pieces(kz, args.pieces)
-        bytecodes({'bare': lambda: bare(10 ** 6), 'kazoo_green': lambda: kazoo_green(10 ** 6)})
+            pieces(runtimes[0], args.pieces)
+        bytecodes(dict((name, (lambda fn: lambda: fn(10 ** 6))(fn)) for name, fn in calls.items()))
     finally:
-        kz.stop()
+        for kz in runtimes:
+            kz.stop()
         responder.stop()
+        if node is not None:
+            node.node.stop()
+
+
+def bare_query(kz):
+    """The least a query can cost: its frames in one send, then poll + recv until the
+    reply's last frame (through the SSL socket on a TLS connection)."""
+    link = kz._pub_link
+    sock = link.fast.sock
+    tls = link.fast.tls
+    poller = _poll()
+    poller.register(sock.fileno(), _POLLIN)
+    channel_id = kz._publisher.channel.channel_id
+    server_id = kz._replies.server_id
+
+    def bare(i):
+        msg_id = 'bare-%d' % i
+        body = dumps(dict(request(i), **{'Msg-ID': msg_id, 'Server-ID': server_id}))
+        sock.send(encode_publish(channel_id, 'callmgr', 'route.req', body, {
+            'content_type': 'application/json', 'correlation_id': msg_id,
+            'reply_to': 'amq.rabbitmq.reply-to'}, None, True, link.fast.frame_max))
+        while True:
+            if not (tls and sock.pending()):
+                poller.poll(-1)
+            if sock.recv(65536).endswith(b'}\xce'):  # a JSON body's last frame
+                return
+    return bare
+
+
+def kazoo_green_query(kz):
+    def kazoo_green(i):
+        assert kz.query('callmgr', 'route.req', request(i))['Route']
+    return kazoo_green
 
 
 def pieces(kz, calls):
