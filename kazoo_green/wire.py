@@ -22,34 +22,64 @@ _ENCODE = tuple(
 )
 
 
+#: The C module's limit on kazoo_encode's input, in bytes (MAX_ROUTING_KEY_SIZE).
+ENCODE_MAX = 255
+
+
 def encode(value):
     """Escape ``value`` for use as one word of a routing key (the C ``kazoo_encode``).
 
     Letters, digits, ``-``, ``~`` and ``_`` are kept, a space becomes ``+``,
-    every other byte of the UTF-8 text (``.`` included) becomes ``%XX``.
+    every other byte of the UTF-8 text (``.`` included) becomes ``%XX``; a value
+    that is exactly ``#`` or ``*`` is kept (a binding can be built from it). As in
+    the C module, an input longer than 255 bytes raises ValueError, and the
+    result ends at the escape that reaches 255 bytes (so it is at most 257 long).
+    Bytes from 0x80 up are written ``%XX`` (the C module garbles them: see the
+    README's parity table).
 
     >>> encode('sip.example.com')
     'sip%2Eexample%2Ecom'
     >>> encode('a b@c')
     'a+b%40c'
+    >>> encode('*')
+    '*'
     """
     if isinstance(value, str):
         value = value.encode('utf-8')
     elif not isinstance(value, (bytes, bytearray)):
         value = str(value).encode('utf-8')
-    return ''.join([_ENCODE[b] for b in value])
+    if len(value) > ENCODE_MAX:
+        raise ValueError('kazoo_encode: input of %d bytes is longer than %d'
+                         % (len(value), ENCODE_MAX))
+    if value == b'#' or value == b'*':
+        return value.decode('ascii')
+    out = ''.join([_ENCODE[b] for b in value])
+    if len(out) > ENCODE_MAX:
+        # The C loop stops once ENCODE_MAX or more bytes are written: cut after the
+        # escape (1 or 3 bytes) that got there.
+        written = 0
+        for b in value:
+            written += len(_ENCODE[b])
+            if written >= ENCODE_MAX:
+                break
+        out = out[:written]
+    return out
 
 
 _MISSING = object()
+#: Written inside a json_path key for a dot that is part of the key (the C module's
+#: ``json_escape_char``, ``%`` by default).
+JSON_ESCAPE = '%'
 
 
-def _path_parts(path):
-    """``Channels[0].switch_url`` -> ['Channels', 0, 'switch_url']."""
+def _path_parts(path, escape=JSON_ESCAPE):
+    """``Channels[0].switch_url`` -> ['Channels', 0, 'switch_url']; ``escape`` in a key
+    stands for a dot (``a%b.c`` -> ['a.b', 'c'])."""
     parts = []
     for word in path.split('.'):
         name, _, rest = word.partition('[')
         if name:
-            parts.append(name)
+            parts.append(name.replace(escape, '.') if escape else name)
         while rest:
             index, _, rest = rest.partition(']')
             try:
@@ -62,19 +92,24 @@ def _path_parts(path):
     return parts
 
 
-def json_path(payload, path, default=None):
+def json_path(payload, path, default=None, escape=JSON_ESCAPE):
     """Value at ``path`` in ``payload`` (a dict or JSON text), like the C ``kazoo_json``.
 
     Paths are dotted keys with ``[n]`` list indexes; a negative index counts
-    from the end. A missing key or index gives ``default``.
+    from the end. A dot inside a key is written ``escape`` (``%``, as the C module's
+    ``json_escape_char``; None: no escape). A missing key or index, or null,
+    gives ``default``.
 
     >>> json_path({'Channels': [{'switch_url': 'sip:fs1'}]}, 'Channels[0].switch_url')
     'sip:fs1'
+    >>> json_path({'Media-Servers': {'fs1.example.com': {'Interfaces': 2}}},
+    ...           'Media-Servers.fs1%example%com.Interfaces')
+    2
     """
     if isinstance(payload, (str, bytes)):
         payload = simplejson.loads(payload)
     node = payload
-    for part in _path_parts(path):
+    for part in _path_parts(path, escape):
         try:
             if isinstance(part, int):
                 node = node[part] if isinstance(node, list) else _MISSING
@@ -84,7 +119,7 @@ def json_path(payload, path, default=None):
             node = _MISSING
         if node is _MISSING:
             return default
-    return node
+    return default if node is None else node
 
 
 _dumps = simplejson.JSONEncoder(separators=(',', ':'), ensure_ascii=False).encode
@@ -210,25 +245,37 @@ def _text(value):
     return None
 
 
-def route_names(payload, key=D.EVENT_KEY, subkey=D.EVENT_SUBKEY):
-    """Event-route names for ``payload``, most specific first (KAZOO-WIRE.md).
+def route_names(payload, key=None, subkey=None):
+    """Event-route names for ``payload``, most specific first, as the C module makes them:
 
-    Raises BadMessage when a key field is missing or is not a scalar.
+    1. ``kazoo:consumer-event-<category>-<name>``  (the key fields' values)
+    2. ``kazoo:consumer-event-<category>``
+    3. ``kazoo:consumer-event-<key>-<subkey>``     (the key fields' names)
+    4. ``kazoo:consumer-event-<key>``
+    5. ``kazoo:consumer-event``
+
+    lower-cased, ``_`` written as ``-``. ``key``/``subkey`` are a subscription's own
+    key fields (None: ``Event-Category``/``Event-Name``). A key field that is missing,
+    null, empty or not a scalar gives an empty value (so ``{"Event-Category": "cat"}``
+    runs ``kazoo:consumer-event-cat`` unless ``kazoo:consumer-event-cat-`` exists, and a
+    payload without key fields runs step 3); for a subscription's own key field, the
+    empty value is replaced by the field's name, as in the C module. Never raises.
 
     >>> route_names({'Event-Category': 'directory', 'Event-Name': 'reg_flush'})[0]
     'kazoo:consumer-event-directory-reg-flush'
+    >>> route_names({'Event-Name': 'x'})[2]
+    'kazoo:consumer-event-event-category-event-name'
     """
-    category = _text(payload.get(key))
-    name = _text(payload.get(subkey))
-    if category is None or name is None:
-        missing = [k for k, v in ((key, category), (subkey, name)) if v is None]
-        raise BadMessage('missing key field', ', '.join(missing))
+    k = key or D.EVENT_KEY
+    sk = subkey or D.EVENT_SUBKEY
+    category = _text(payload.get(k)) or key or ''
+    name = _text(payload.get(sk)) or subkey or ''
     p = D.ROUTE_PREFIX
     return (
         normalise_route('%s-%s-%s' % (p, category, name)),
         normalise_route('%s-%s' % (p, category)),
-        normalise_route('%s-%s-%s' % (p, key, subkey)),
-        normalise_route('%s-%s' % (p, key)),
+        normalise_route('%s-%s-%s' % (p, k, sk)),
+        normalise_route('%s-%s' % (p, k)),
         p,
     )
 

@@ -162,17 +162,38 @@ def test_route_names_with_binding_keys():
     )
 
 
-@pytest.mark.parametrize('payload', [
-    {},
-    {'Event-Category': 'a'},
-    {'Event-Name': 'b'},
-    {'Event-Category': {'x': 1}, 'Event-Name': 'b'},
-    {'Event-Category': 'a', 'Event-Name': None},
+FALLBACK = ('kazoo:consumer-event-event-category-event-name',
+            'kazoo:consumer-event-event-category', 'kazoo:consumer-event')
+
+
+@pytest.mark.parametrize('payload, first_two', [
+    ({}, ('kazoo:consumer-event--', 'kazoo:consumer-event-')),
+    ({'Event-Name': 'b'}, ('kazoo:consumer-event--b', 'kazoo:consumer-event-')),
+    ({'Event-Category': {'x': 1}, 'Event-Name': 'b'},
+     ('kazoo:consumer-event--b', 'kazoo:consumer-event-')),
+    ({'Event-Category': None, 'Event-Name': 'b'},
+     ('kazoo:consumer-event--b', 'kazoo:consumer-event-')),
+    ({'Event-Category': '', 'Event-Name': 'b'},
+     ('kazoo:consumer-event--b', 'kazoo:consumer-event-')),
+    ({'Event-Category': 'a'}, ('kazoo:consumer-event-a-', 'kazoo:consumer-event-a')),
+    ({'Event-Category': 'a', 'Event-Name': None},
+     ('kazoo:consumer-event-a-', 'kazoo:consumer-event-a')),
+    ({'Event-Category': 'a', 'Event-Name': [1]},
+     ('kazoo:consumer-event-a-', 'kazoo:consumer-event-a')),
 ])
-def test_route_names_missing_key_fields(payload):
-    with pytest.raises(BadMessage) as info:
-        route_names(payload)
-    assert info.value.reason == 'missing key field'
+def test_missing_key_fields_give_empty_values_as_in_the_c_module(payload, first_two):
+    # kz_amqp_consumer_event_cfg: an empty value, no error; with no route of those
+    # names the message falls through to step 3 (KAZOO-WIRE.md: {"t":3} ran step 3,
+    # {"Event-Category":"cat"} ran kazoo:consumer-event-cat).
+    assert route_names(payload) == first_two + FALLBACK
+
+
+def test_a_subscriptions_own_key_field_stands_for_its_missing_value():
+    assert route_names({'Sub_Type': 'Update'}, 'Type', 'Sub_Type') == (
+        'kazoo:consumer-event-type-update', 'kazoo:consumer-event-type',
+        'kazoo:consumer-event-type-sub-type', 'kazoo:consumer-event-type',
+        'kazoo:consumer-event')
+    assert route_names({'Type': 'x'}, 'Type', 'Sub_Type')[0] == 'kazoo:consumer-event-x-sub-type'
 
 
 def test_route_names_scalar_values():
@@ -192,3 +213,16 @@ def test_msg_ids_are_random_version_4_uuids():
     # every random hex digit takes every value somewhere (not a constant part)
     for position in (0, 7, 9, 15, 20, 35):
         assert len({text[position] for text in ids}) == 16
+
+
+def test_json_path_escape_stands_for_a_dot_inside_a_key():
+    # The C module's json_escape_char ('%'): Media-Servers are keyed by host names.
+    payload = {'Media-Servers': {'fs1.example.com': {'Interfaces': {'sip': {'info': {
+        'url': 'sip:10.0.0.1:5060'}}}}}, 'a.b': 1, 'a': {'b': 2}}
+    assert json_path(payload, 'Media-Servers.fs1%example%com.Interfaces.sip.info.url') == \
+        'sip:10.0.0.1:5060'
+    assert json_path(payload, 'a%b') == 1
+    assert json_path(payload, 'a.b') == 2
+    assert json_path(payload, 'a#b', escape='#') == 1
+    assert json_path({'a%b': 3}, 'a%b', escape=None) == 3
+    assert json_path({'a': None}, 'a', default='d') == 'd'   # null counts as missing
