@@ -6,8 +6,9 @@ Answers on exchange ``callmgr`` (topic), routing key ``route.req``:
 * ``To`` starting with ``slow``: the reply comes after 5 s (past the query timeout: 503);
 * anyone else: ``Route: sip:<To>@127.0.0.1:5090`` (302 with that Contact).
 
-Brokers come from ``KAZOO_GREEN_BROKERS`` (``;``-separated), default the local
-RabbitMQ; TLS options from ``KAZOO_GREEN_AMQPS_*`` (``kazoo_green.ssl_from_env``).
+Brokers come from ``KAZOO_GREEN_BROKERS`` (``;``-separated, ``zone=NAME;`` before a
+zone's URLs as in the C module's ``amqp_connection``; ``KAZOO_GREEN_ZONE`` names the primary
+one), default the local RabbitMQ; TLS options from ``KAZOO_GREEN_AMQPS_*`` (``kazoo_green.ssl_from_env``).
 Stops on SIGTERM/SIGINT.
 
     python examples/responder.py
@@ -24,7 +25,8 @@ import gevent
 SLOW_SECONDS = 5.0
 
 kz = Kazoo(os.environ.get('KAZOO_GREEN_BROKERS', 'amqp://guest:guest@127.0.0.1:5672//'),
-           app_name='responder', workers=16, ssl=kazoo_green.ssl_from_env())
+           app_name='responder', workers=16, ssl=kazoo_green.ssl_from_env(),
+           zone=os.environ.get('KAZOO_GREEN_ZONE') or None)
 
 
 @kz.event_route('kazoo:consumer-event-route-req')

@@ -1,10 +1,12 @@
 """Subscriptions: topology, consuming, decoding, and acks in either mode."""
 
+import copy
 import logging
 import os
-from time import monotonic
+from time import monotonic, time
 
 import gevent
+from amqp import spec
 
 from . import _defaults as D, _logs
 from ._dispatch import Delivery
@@ -30,7 +32,9 @@ class Subscription(object):
     def __init__(self, exchange, routing_key, queue=None, exchange_type='direct',
                  durable=False, auto_delete=None, exclusive=False, passive=False,
                  queue_arguments=None, exchange_durable=False, ack='late', prefetch=None,
-                 event_key=D.EVENT_KEY, event_subkey=D.EVENT_SUBKEY, worker_key=None):
+                 event_key=None, event_subkey=None, worker_key=None,
+                 exchange_auto_delete=False, exchange_internal=False,
+                 exchange_bindings=None, federate=False):
         if ack not in ACK_MODES:
             raise ValueError('ack must be one of %s, not %r' % (', '.join(ACK_MODES), ack))
         if isinstance(routing_key, str):
@@ -45,16 +49,39 @@ class Subscription(object):
         self.passive = passive
         self.queue_arguments = dict(queue_arguments) if queue_arguments else None
         self.exchange_durable = exchange_durable
+        self.exchange_auto_delete = exchange_auto_delete
+        self.exchange_internal = exchange_internal
+        self.exchange_bindings = _exchange_bindings(exchange_bindings)
+        if self.exchange_bindings and not self.exchange:
+            raise ValueError('exchange_bindings need an exchange to bind to')
+        self.federate = federate
         self.ack = ack
         self.prefetch = prefetch
         self.event_key = event_key
         self.event_subkey = event_subkey
         self.worker_key = worker_key
+        #: Its number in the runtime (names its queue and consumer tag).
+        self.index = 0
+        #: The copies consuming it, one per connection it is consumed on (the zone's, or
+        #: every zone's with ``federate``; one per broker of a standalone zone).
+        self.copies = [self]
+        #: The zone of the connection this copy consumes on.
+        self.zone = None
         self.tag = None
         self.channel = None  # the consuming channel of the current connection
         self.retrying = False  # a greenlet is trying to set it up again
         self.serial = 0  # bumped for each new connection and broker cancel: see queue_name
         self.queue_in_use = queue
+
+    def copy_for(self, zone):
+        """A copy with the same settings and fresh per-connection state, for ``zone``."""
+        twin = copy.copy(self)
+        twin.zone = zone
+        twin.tag = twin.channel = None
+        twin.retrying = False
+        twin.serial = 0
+        twin.queue_in_use = self.queue
+        return twin
 
     def queue_name(self, node, index):
         """``queue``, or a name made up for this process, subscription and ``serial``.
@@ -81,15 +108,57 @@ class Subscription(object):
                 and bool(self.auto_delete or self.exclusive))
 
     def __repr__(self):
-        return '<Subscription %s %r -> %r ack=%s>' % (self.exchange, self.routing_keys,
-                                                    self.queue, self.ack)
+        return '<Subscription %s %r -> %r ack=%s%s>' % (
+            self.exchange, self.routing_keys, self.queue_in_use, self.ack,
+            ' zone=%s' % self.zone if self.zone else '')
+
+
+def _exchange_bindings(bindings):
+    """``[(source, routing key, type, durable), ...]`` from ``exchange_bindings``: the C
+    module's object ``{SOURCE: {'type': T, 'routing': KEY or [KEYS], 'durable': B}}``, or a
+    list of ``{'exchange': SOURCE, 'routing_key': KEY or [KEYS], 'type': T, 'durable': B}``
+    or ``(SOURCE, KEY)`` pairs. With a type the source exchange is declared too, else it
+    must exist. Every entry is applied (the C module applies only the first)."""
+    items = []
+    if isinstance(bindings, dict):
+        for source, options in bindings.items():
+            options = dict(options or {})
+            unknown = set(options) - {'type', 'routing', 'durable', 'passive', 'auto_delete',
+                                   'internal'}
+            if unknown:
+                raise ValueError('exchange binding %r: unknown keys %s'
+                                 % (source, ', '.join(sorted(unknown))))
+            items.append({'exchange': source, 'routing_key': options.get('routing', ''),
+                          'type': options.get('type'),
+                          'durable': options.get('durable', False)})
+    else:
+        items = list(bindings or ())
+    out = []
+    for item in items:
+        if isinstance(item, dict):
+            unknown = set(item) - {'exchange', 'routing_key', 'type', 'durable'}
+            if unknown or not item.get('exchange'):
+                raise ValueError('exchange binding %r: needs "exchange", may have '
+                                 '"routing_key", "type", "durable"' % (item,))
+            keys = item.get('routing_key', '')
+            keys = [keys] if isinstance(keys, str) else list(keys)
+            for key in keys or ['']:
+                out.append((item['exchange'], key, item.get('type'),
+                            bool(item.get('durable', False))))
+        else:
+            source, key = item
+            out.append((source, key, None, False))
+    return out
+
 
 
 class Subscriber(object):
     """Declares and consumes every subscription on one link, on each connect."""
 
-    def __init__(self, link, dispatcher, routes, stats, node, prefetch):
+    def __init__(self, link, dispatcher, routes, stats, node, prefetch, via=None):
         self.link = link
+        #: The Publisher on this very connection (standalone brokers), for replies.
+        self.via = via
         self.dispatcher = dispatcher
         self.routes = routes
         self.stats = stats
@@ -103,7 +172,7 @@ class Subscriber(object):
 
     def add(self, sub):
         """Register ``sub``; set it up now when the link is up (errors raise here)."""
-        sub.tag = 'kg-%d' % (len(self.subscriptions) + 1)
+        sub.tag = 'kg-%d' % (sub.index + 1)
         self.subscriptions.append(sub)
         if self.link.connected:
             try:
@@ -112,6 +181,17 @@ class Subscriber(object):
                 self.subscriptions.remove(sub)
                 raise KazooError('cannot subscribe %r: %s' % (sub, exc)) from None
         return sub
+
+    def remove(self, sub):
+        """Forget ``sub`` (its consumer cancelled when the link is up)."""
+        if sub in self.subscriptions:
+            self.subscriptions.remove(sub)
+        channel, sub.channel = sub.channel, None
+        if channel is not None and self.link.connected:
+            try:
+                self.link.rpc(self.link.cancel, channel, sub.tag)
+            except (KazooError,) + tuple(self.link.channel_errors) as exc:
+                log.warning('cannot cancel %r: %s', sub, exc)
 
     def _setup_all(self, conn):
         renew = self._connections > 0
@@ -171,12 +251,26 @@ class Subscriber(object):
     def _setup(self, sub, conn):
         channel = conn.channel()
         if sub.exchange:
-            if sub.exchange_type:
+            if sub.exchange_type and sub.exchange_internal and self.link.supports_amqp:
+                # py-amqp's exchange_declare always sends internal=False; the method
+                # itself (AMQP 0-9-1 exchange.declare, bit 'internal') says it.
+                channel.send_method(spec.Exchange.Declare, 'BssbbbbbF',
+                                    (0, sub.exchange, sub.exchange_type, False,
+                                     sub.exchange_durable, sub.exchange_auto_delete, True,
+                                     False, None), wait=spec.Exchange.DeclareOk)
+            elif sub.exchange_type:
                 channel.exchange_declare(exchange=sub.exchange, type=sub.exchange_type,
-                                         durable=sub.exchange_durable, auto_delete=False)
+                                         durable=sub.exchange_durable,
+                                         auto_delete=sub.exchange_auto_delete)
             else:
                 channel.exchange_declare(exchange=sub.exchange, type='direct', passive=True)
-        name = sub.queue_name(self.node, self.subscriptions.index(sub))
+            for source, key, kind, durable in sub.exchange_bindings:
+                if kind:
+                    channel.exchange_declare(exchange=source, type=kind, durable=durable,
+                                             auto_delete=False)
+                channel.exchange_bind(destination=sub.exchange, source=source,
+                                      routing_key=key)
+        name = sub.queue_name(self.node, sub.index)
         channel.queue_declare(queue=name, passive=sub.passive, durable=sub.durable,
                               exclusive=sub.exclusive, auto_delete=sub.auto_delete,
                               arguments=sub.queue_arguments)
@@ -234,6 +328,9 @@ class Subscriber(object):
             if bad:
                 raise BadMessage(bad)
             payload = loads_payload(raw.body)
+            # As the C module: the zone that received it, and when (epoch seconds).
+            payload['AMQP-Broker-Zone'] = self.link.zone
+            payload['AMQP-Received'] = int(time())
             names = route_names(payload, sub.event_key, sub.event_subkey)
             key = None
             if sub.worker_key:
@@ -294,9 +391,10 @@ class Subscriber(object):
                 settled = True
                 self._settle(sub, channel, raw.delivery_tag, True)
             info = raw.delivery_info
+            link = self.link
             meta = Delivery(route, info.get('exchange'), info.get('routing_key'),
                             sub.queue_in_use, raw.headers or {}, bool(info.get('redelivered')),
-                            raw.properties)
+                            raw.properties, link.zone, link.host, self.via)
             try:
                 fn(payload, meta)
             except Exception:

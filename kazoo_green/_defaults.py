@@ -6,7 +6,7 @@ __all__ = [
     'RECONNECT_DELAY_MAX', 'SETUP_RETRY_MAX', 'STOP_TIMEOUT', 'TARGETED_EXCHANGE',
     'DIRECT_REPLY_TO', 'EVENT_KEY', 'EVENT_SUBKEY', 'ROUTE_PREFIX',
     'MEMORY_POLLING_INTERVAL', 'CONTENT_TYPE', 'CONFIRM_TIMEOUT', 'PROBE_GRACE',
-    'REPLY_QUEUE_WAIT',
+    'REPLY_QUEUE_WAIT', 'ZONE', 'ANSWERED_MEMORY',
 ]
 
 #: Used when no broker list is given.
@@ -55,3 +55,9 @@ MEMORY_POLLING_INTERVAL = 0.005
 CONTENT_TYPE = 'application/json'
 #: Seconds a confirmed publish may take, re-sends after a lost connection included.
 CONFIRM_TIMEOUT = 5.0
+#: The zone of brokers given without one (the C module's default zone name).
+ZONE = 'local'
+#: Msg-IDs of answered and timed-out queries remembered per reply waiter, so that a
+#: second copy of a reply (standalone brokers) or a late one is not taken for an
+#: unsolicited message.
+ANSWERED_MEMORY = 4096

@@ -13,13 +13,17 @@ log = logging.getLogger('kazoo_green')
 
 
 class Delivery(object):
-    """What a handler learns about a consumed message besides its payload."""
+    """What a handler learns about a consumed message besides its payload.
+
+    ``zone`` is the zone of the connection that received it (also stamped into the
+    payload as ``AMQP-Broker-Zone``) and ``broker`` that connection's ``host:port``.
+    """
 
     __slots__ = ('route', 'exchange', 'routing_key', 'queue', 'headers', 'redelivered',
-                 'properties')
+                 'properties', 'zone', 'broker', 'via')
 
     def __init__(self, route, exchange, routing_key, queue, headers, redelivered,
-                 properties):
+                 properties, zone=None, broker=None, via=None):
         self.route = route
         self.exchange = exchange
         self.routing_key = routing_key
@@ -27,10 +31,16 @@ class Delivery(object):
         self.headers = headers
         self.redelivered = redelivered
         self.properties = properties
+        self.zone = zone
+        self.broker = broker
+        #: The Publisher of the connection that received it, where a reply must go back
+        #: through that very connection (standalone brokers); else None.
+        self.via = via
 
     def __repr__(self):
-        return '<Delivery %s %s/%s%s>' % (self.route, self.exchange, self.routing_key,
-                                          ' redelivered' if self.redelivered else '')
+        return '<Delivery %s %s/%s%s%s>' % (self.route, self.exchange, self.routing_key,
+                                            ' zone=%s' % self.zone if self.zone else '',
+                                            ' redelivered' if self.redelivered else '')
 
 
 class RouteTable(object):

@@ -1,19 +1,16 @@
-"""One broker connection with failover: who reads the socket, who writes, and reconnects.
+"""One broker connection at a time: who reads the socket, who writes, and when it is lost.
 
-A ``Link`` owns one kombu ``Connection`` built over the whole broker list with
-``failover_strategy='round-robin'``. py-amqp is a blocking library, so gevent
-rules apply: at most one greenlet reads the socket (the holder of the read
-lock) and writes are serialised by the write lock, frame by frame.
-
-The broker list is tried round-robin (kombu's failover), one broker at a time within
-``connect_timeout``; TLS options are worked out for each broker as it is tried
-(``_tls``). Deliveries are assembled by kazoo_green's own frame handler (``_deliver``)
-and reach the callbacks registered with ``consume``.
+A ``Link`` owns one kombu ``Connection`` over a broker list (``_failover.Brokers``: which
+broker is tried next, TLS per broker, the time allowed). py-amqp is a blocking library,
+so gevent rules apply: at most one greenlet reads the socket (the holder of the read
+lock) and writes are serialised by the write lock, frame by frame. Deliveries are
+assembled by kazoo_green's own frame handler (``_deliver``) and reach the callbacks
+registered with ``consume``. A zone's links are made by ``_zone``.
 
 Two ways to drive it:
 
-* background: ``start()`` spawns one reader greenlet that drains the socket,
-  sends heartbeats and reconnects with back-off; everybody else only waits
+* background: ``start()`` runs a ``_reader.Reader``, the one greenlet that drains the
+  socket, sends heartbeats and reconnects with back-off; everybody else only waits
   on results the reader fills in. Used by consumer processes.
 * caller-driven: with no reader, a greenlet that waits for a reply becomes the
   reader until its result is ready (others wait for it or take over), and a
@@ -34,20 +31,18 @@ from gevent.event import Event
 from gevent.lock import RLock
 from kombu import Connection
 
-from . import _defaults as D, _pyamqp, _tls
+from . import _defaults as D, _pyamqp
 from ._amqpfast import FastPath, HookUnavailable
 from ._deliver import Consumers, FrameHandler
+from ._failover import Brokers, safe_url
+from ._reader import Reader
 from .errors import ConnectionLost, NotConnected
 from .wire import current_pid
 
-__all__ = ['Link', 'parse_brokers']
+__all__ = ['Link']
 
 log = logging.getLogger('kazoo_green')
 _warned = set()   # reasons FastPath could not be used, logged once per process
-
-
-class _AttemptTimeout(Exception):
-    pass
 
 
 class _Lock(object):
@@ -82,51 +77,43 @@ class _Lock(object):
 
 
 
-def parse_brokers(brokers):
-    """A list of broker URLs from a list or a ``;``-separated string."""
-    if brokers is None:
-        brokers = D.BROKERS
-    if isinstance(brokers, str):
-        brokers = brokers.split(';')
-    urls = [u.strip() for u in brokers if u and u.strip()]
-    if not urls:
-        raise ValueError('no broker URL given')
-    # kombu warns about a memory:// URL without a host name.
-    return ['memory://localhost/' if u == 'memory://' else u for u in urls]
-
-
 class Link(object):
     """One AMQP connection (with failover over ``urls``) shared by greenlets."""
 
     def __init__(self, name, urls, stats, connect_timeout=D.CONNECT_TIMEOUT,
                  heartbeat=D.HEARTBEAT, poll_interval=D.POLL_INTERVAL,
-                 transport_options=None, label='', fast=True, blocking=False, ssl=None):
+                 transport_options=None, label='', fast=True, blocking=False, ssl=None,
+                 zone=D.ZONE):
         self.name = name
+        #: The zone (see _topology) whose broker(s) this link connects to.
+        self.zone = zone
         self.label = label
         #: Use the lean frame path (RabbitMQ only); see _amqpfast.
         self.use_fast = fast
         #: Without a background reader, wait with poll(2) instead of gevent's hub
         #: (Kamailio SIP workers: nothing else runs there anyway).
         self.blocking = blocking
-        self.urls = list(urls)
+        #: The broker list and its failover policy (round-robin, TLS per broker).
+        self.brokers = Brokers(urls, ssl, connect_timeout)
+        self.urls = self.brokers.urls
         self.stats = stats
         self.connect_timeout = connect_timeout
         self.heartbeat = heartbeat
         self.poll_interval = poll_interval
         self.transport_options = dict(transport_options or {})
-        self.memory = all(u.startswith('memory:') for u in self.urls)
-        #: TLS options (``_tls.normalise``): None, or a dict used for every broker.
-        self.ssl = _tls.normalise(ssl)
+        self.memory = self.brokers.memory
         #: Consumers of the current connection: (channel id, tag) -> callback.
         self.consumers = Consumers()
-        self._current = 0   # index in urls of the broker kombu's Connection is on
         #: True while connected and every up-hook has run.
         self.connected = False
         #: Bumped at every connect and every loss: an ack or confirm carries
         #: the generation it was made in and is void in any other.
         self.generation = 0
         self.ever_connected = False
+        #: ``host:port`` of the broker connected to (or last connected to).
         self.host = None
+        #: The broker's host name or address alone, as the C module's events name it.
+        self.hostname = None
         self.supports_amqp = False
         self._conn = None
         self._raw = None
@@ -143,8 +130,8 @@ class Link(object):
         self._up_hooks = []
         self._on_up = []
         self._on_down = []
+        #: The background Reader (``start``); None: caller-driven.
         self._reader = None
-        self._running = False
         self._lost_once = False
         self._probe_at = None
         self._probe_mark = 0
@@ -191,13 +178,13 @@ class Link(object):
         else:
             # Shown by rabbitmqctl and the management UI: who holds this connection.
             props = dict(opts.get('client_properties') or {})
-            props.setdefault('connection_name', '%s %s <%d>' % (self.label, self.name,
-                                                                os.getpid()))
+            props.setdefault('connection_name', '%s %s %s <%d>' % (
+                self.label, self.name, self.zone, os.getpid()))
             opts['client_properties'] = props
             # Deliveries are parsed by kazoo_green (a public py-amqp hook; see _deliver).
             opts['frame_handler'] = FrameHandler.factory(self.consumers)
         conn = Connection(
-            self.urls if len(self.urls) > 1 else self.urls[0],
+            self.brokers.kombu_url(),
             failover_strategy='round-robin',
             connect_timeout=self.connect_timeout,
             heartbeat=self.heartbeat if self._reader is not None else 0,
@@ -205,7 +192,7 @@ class Link(object):
         )
         self.errors = tuple(conn.connection_errors) + tuple(conn.channel_errors) + (OSError,)
         self._channel_errors = tuple(conn.channel_errors)
-        self._current = 0
+        self.brokers.reset()
         return conn
 
     def consume(self, channel, queue, tag, callback, no_ack, **kwargs):
@@ -257,7 +244,7 @@ class Link(object):
         self.connect(deadline)
 
     def describe(self):
-        return ', '.join(_safe_url(u) for u in self.urls)
+        return self.brokers.describe()
 
     def connect(self, deadline=None):
         """Try every broker once, round-robin; raise NotConnected if none answers."""
@@ -276,7 +263,7 @@ class Link(object):
             try:
                 with gevent.Timeout(timeout, NotConnected(
                         '%s link: connecting timed out after %.3fs' % (self.name, timeout or 0))):
-                    self._attempt_all(conn)
+                    self.brokers.attempt_all(conn, self._connect_failed)
                     raw = conn.connection
                     self.supports_amqp = conn.transport.driver_type == 'amqp'
                     self.consumers.clear()
@@ -297,6 +284,7 @@ class Link(object):
             if self.supports_amqp and self.use_fast:
                 self.fast = self._fast_path(raw)
             self.host = conn.host if conn.port else conn.as_uri()
+            self.hostname = conn.hostname or self.host
             self.generation += 1
             self.connected = True
             self.stats.connects += 1
@@ -304,42 +292,13 @@ class Link(object):
                 self.stats.reconnects += 1
             self.ever_connected = True
             self._up.set()
-            log.info('%s link: connected to %s%s', self.name, _safe_url(conn.as_uri()),
+            log.info('%s link: connected to %s%s', self.name, safe_url(conn.as_uri()),
                      ' (TLS)' if conn.ssl else '')
         for fn in self._on_up:
             try:
                 fn(self)
             except Exception:
                 log.exception('%s link: on-connect callback failed', self.name)
-
-    def _attempt_all(self, conn):
-        """Connect ``conn`` to one of the brokers: each tried once, in turn from the
-        current one, with its own TLS options and at most ``connect_timeout`` seconds
-        (TCP, TLS and AMQP handshakes)."""
-        for attempt in range(len(self.urls)):
-            url = self.urls[self._current]
-            conn.ssl = _tls.for_broker(self.ssl, url) if not self.memory else False
-            try:
-                with gevent.Timeout(self.connect_timeout, _AttemptTimeout(
-                        'no answer within %.1fs' % self.connect_timeout)):
-                    conn.ensure_connection(max_retries=0)
-                return
-            except NotConnected:   # the caller's deadline (connect), not this broker's
-                raise
-            except Exception as exc:
-                self._connect_failed(exc, url)
-                if attempt == len(self.urls) - 1:
-                    raise
-                try:
-                    conn.collect()
-                except Exception:  # a half-made connection may fail in any way here
-                    pass
-                self._switch(conn)
-
-    def _switch(self, conn):
-        if len(self.urls) > 1:
-            conn.maybe_switch_next()
-            self._current = (self._current + 1) % len(self.urls)
 
     def _fast_path(self, raw):
         """A FastPath on ``raw``, or None (logged once) where it cannot work."""
@@ -427,7 +386,7 @@ class Link(object):
 
     def _connect_failed(self, exc, url):
         self.stats.connection_errors += 1
-        log.warning('%s link: cannot connect to %s: %s', self.name, _safe_url(url), exc)
+        log.warning('%s link: cannot connect to %s: %s', self.name, safe_url(url), exc)
 
     def _drop(self):
         """Forget the current connection without talking to the broker."""
@@ -440,7 +399,7 @@ class Link(object):
         except Exception:  # a dying connection may fail in any way here
             pass
         try:
-            self._switch(conn)
+            self.brokers.switch(conn)
         except Exception:
             pass
 
@@ -565,24 +524,19 @@ class Link(object):
         self._check_pid()
         if self._reader is not None:
             return
-        self._running = True
         if self.connected:
             # Made by a caller (no reader): without heartbeats, and its FastPath may block
             # the whole process in poll(2). The reader connects again, for background use.
             self.lost(ConnectionLost('connection made for caller-driven use restarted for '
                                      'background use'), failure=False)
         self._conn = None  # rebuilt with heartbeats for background use
-        self._reader = gevent.spawn(self._read_loop)
-        self._reader.name = 'kazoo_green-%s-reader' % self.name
+        self._reader = Reader(self)
 
     def stop(self, timeout=5.0):
         """Stop the reader and close the connection."""
-        self._running = False
         reader, self._reader = self._reader, None
         if reader is not None:
-            reader.join(timeout=min(timeout, self.poll_interval * 3))
-            if not reader.dead:
-                reader.kill(block=True, timeout=1)
+            reader.stop(timeout=min(timeout, self.poll_interval * 3))
         if self.connected:
             self.connected = False
             self._up.clear()
@@ -598,58 +552,3 @@ class Link(object):
                     conn.collect()
                 except Exception:
                     pass
-
-    def _read_loop(self):
-        delay = D.RECONNECT_DELAY
-        next_beat = 0.0
-        frames = 0
-        while self._running:
-            if not self.connected:
-                try:
-                    self.connect()
-                except NotConnected:
-                    gevent.sleep(delay)
-                    delay = min(delay * 2, D.RECONNECT_DELAY_MAX)
-                    continue
-                delay = D.RECONNECT_DELAY
-            gen = self.generation
-            conn = self._conn
-            try:
-                with self._rlock:
-                    try:
-                        self._drain(self.poll_interval)
-                        frames += 1
-                    except socket.timeout:
-                        frames = 0
-                now = monotonic()
-                if now >= next_beat:
-                    next_beat = now + self.poll_interval
-                    with self._wlock:
-                        # Waiting for the lock let writers run: one may have found
-                        # the connection dead meanwhile.
-                        if gen == self.generation and self.connected:
-                            conn.transport.heartbeat_check(self._raw, rate=2)
-            except self.errors as exc:
-                self.lost(exc, gen)
-                continue
-            except gevent.GreenletExit:
-                raise
-            except Exception as exc:  # a bug must not leave the link half-dead
-                log.exception('%s link: unexpected error while reading', self.name)
-                self.lost(exc, gen)
-                continue
-            if self._rpc_waiting or frames >= 32:
-                # Let a synchronous call take the socket, and let workers run
-                # while a backlog streams in.
-                frames = 0
-                gevent.sleep(0)
-
-
-def _safe_url(url):
-    """A broker URL without its password."""
-    if '@' not in url or '://' not in url:
-        return url
-    scheme, rest = url.split('://', 1)
-    creds, host = rest.rsplit('@', 1)
-    user = creds.split(':', 1)[0]
-    return '%s://%s@%s' % (scheme, user, host)

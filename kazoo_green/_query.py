@@ -2,6 +2,7 @@
 
 import logging
 import socket
+from collections import deque
 from time import monotonic
 
 from amqp import spec
@@ -63,8 +64,17 @@ class ReplyWaiter(object):
     """
 
     def __init__(self, link, publisher, stats, node, direct_reply_to=True,
-                 targeted_exchange=D.TARGETED_EXCHANGE):
+                 targeted_exchange=D.TARGETED_EXCHANGE, shared_key=False):
         self.link = link
+        #: Standalone brokers: the Server-ID is one routing key for the process, bound on
+        #: every broker of the zone (see ``listen``), so a reply published on any of them
+        #: comes back; else it names this connection's reply queue.
+        self.shared_key = shared_key
+        #: ``fn(payload, message, link)`` for a good message on a reply queue that answers no
+        #: query (the C module runs such messages as events); None: counted and dropped.
+        self.on_unsolicited = None
+        self._answered = set()      # Msg-IDs answered or timed out lately ...
+        self._answered_order = deque()   # ... oldest first, at most ANSWERED_MEMORY
         self.publisher = publisher
         self.stats = stats
         self.node = node
@@ -90,6 +100,8 @@ class ReplyWaiter(object):
         if self._server_pid != pid:
             self._server_id = self._name(pid, 0)
             self._server_pid = pid
+        if self.shared_key:
+            return self._name(pid, 0)
         return self._server_id
 
     def _name(self, pid, count):
@@ -116,18 +128,37 @@ class ReplyWaiter(object):
         self._server_pid = current_pid()
         self._connections += 1
         queue = self._server_id
+        key = self.server_id
         self.use_reply_to = self.direct_reply_to and self.link.supports_amqp
         if not self.use_reply_to:
             channel.queue_declare(queue=queue, exclusive=True, auto_delete=True)
             channel.queue_bind(queue=queue, exchange=self.targeted_exchange,
-                               routing_key=queue)
+                               routing_key=key)
             self.link.consume(channel, queue, 'kg-targeted', self._on_reply, True)
             return
         # Direct reply-to needs nothing declared: it works at once on any node.
         self.link.consume(channel, D.DIRECT_REPLY_TO, 'kg-reply-to', self._on_reply, True)
-        self._declare_reply_queue(conn.channel(), queue)
+        self._declare_reply_queue(conn.channel(), queue, key)
 
-    def _declare_reply_queue(self, channel, queue):
+    def listener(self, link):
+        """An up-hook for ``link``, a consuming connection to another broker of this
+        (standalone) zone: a reply queue there, bound to ``targeted`` with this process's
+        Server-ID, whose messages go where the publishing connection's go."""
+        count = [0]
+
+        def listen(conn):
+            count[0] += 1
+            queue = '%s-via-%d' % (self._name(current_pid(), 0), count[0])
+            channel = conn.channel()
+            channel.exchange_declare(exchange=self.targeted_exchange, type='direct',
+                                     durable=False, auto_delete=False)
+            channel.queue_declare(queue=queue, exclusive=True, auto_delete=True)
+            channel.queue_bind(queue=queue, exchange=self.targeted_exchange,
+                               routing_key=self.server_id)
+            link.consume(channel, queue, 'kg-targeted', self._on_reply, True)
+        return listen
+
+    def _declare_reply_queue(self, channel, queue, key):
         """Declare, bind and consume the Kazoo-style reply queue on a channel of its own,
         and wait (at most REPLY_QUEUE_WAIT) until the broker has done it.
 
@@ -137,7 +168,7 @@ class ReplyWaiter(object):
         the queue once the broker is done) instead of not at all.
         """
         channel.queue_declare(queue=queue, exclusive=True, auto_delete=True, nowait=True)
-        channel.queue_bind(queue=queue, exchange=self.targeted_exchange, routing_key=queue,
+        channel.queue_bind(queue=queue, exchange=self.targeted_exchange, routing_key=key,
                            nowait=True)
         self.link.consume(channel, queue, 'kg-targeted', self._on_reply, True, nowait=True)
         if not done_within(channel, D.REPLY_QUEUE_WAIT):
@@ -185,14 +216,28 @@ class ReplyWaiter(object):
             if result is not None and not result.ready():
                 result.set_exception(QueryFailed('bad reply: %s' % bad))
             return
+        msg_id = _msg_id(payload)
         if result is None:
-            result = self._pending.get(_msg_id(payload))
+            result = self._pending.get(msg_id)
         if result is None or result.ready():
+            if (result is None and msg_id not in self._answered
+                    and correlation_id not in self._answered
+                    and self.on_unsolicited is not None
+                    and self.on_unsolicited(payload, message, self.link)):
+                return
             self.stats.replies_unmatched += 1
-            log.debug('reply matches no waiting query (Msg-ID=%s)',
-                      _logs.short(payload.get('Msg-ID')))
+            log.debug('reply matches no waiting query (Msg-ID=%s)', _logs.short(msg_id))
             return
         result.set(payload)
+
+    def answered(self, msg_id):
+        """Remember ``msg_id`` (answered or timed out): a copy or a late reply of it is
+        not an unsolicited message."""
+        done, order = self._answered, self._answered_order
+        done.add(msg_id)
+        order.append(msg_id)
+        if len(order) > D.ANSWERED_MEMORY:
+            done.discard(order.popleft())
 
     def query(self, exchange, routing_key, payload, timeout, headers=None, mandatory=True):
         """Send ``payload`` (a stamped dict) and return the reply dict."""
@@ -237,6 +282,7 @@ class ReplyWaiter(object):
             return self._outcome(result, exchange, routing_key, timeout, msg_id)
         finally:
             self._pending.pop(msg_id, None)
+            self.answered(msg_id)
 
     def _ask(self, fast, exchange, routing_key, payload, timeout, headers, mandatory,
              deadline, msg_id):
@@ -247,7 +293,7 @@ class ReplyWaiter(object):
         if exchange not in publisher.verified:
             publisher.verify(exchange)
         # Connected in this process (Link.lane), so _setup named the reply queue here.
-        payload['Server-ID'] = self._server_id
+        payload['Server-ID'] = self.server_id if self.shared_key else self._server_id
         data = encode_request(publisher.channel.channel_id, exchange, routing_key,
                               dumps(payload), msg_id,
                               D.DIRECT_REPLY_TO if self.use_reply_to else None, headers,
@@ -288,6 +334,7 @@ class ReplyWaiter(object):
             link.lost(exc, gen)
         finally:
             self._pending.pop(msg_id, None)
+            self.answered(msg_id)
         return self._outcome(waiting, exchange, routing_key, timeout, msg_id)
 
     def _outcome(self, result, exchange, routing_key, timeout, msg_id):

@@ -14,7 +14,9 @@ COUNTERS = (
     'queries_ok',         # queries answered
     'queries_timeout',    # queries that reached their deadline
     'queries_failed',     # queries failed otherwise (connection lost, unroutable)
-    'replies_unmatched',  # replies that matched no waiting query (late or foreign)
+    'replies_unmatched',  # replies that matched no waiting query (late, copies, or foreign
+                          # where no event-route workers run)
+    'unsolicited',        # messages on a reply queue answering no query, run as events
     'reply_queue_late',   # reply queues the broker had not confirmed when queries began
     'consumed',           # messages delivered to subscriptions
     'acked',

@@ -125,7 +125,10 @@ class Kazoo(runtime.Kazoo):
         self._async_done_order = deque()  # (time, Msg-ID), oldest first
         self._consuming_async = False
         self._pub_link.add_up_hook(self._declare_async_queue)
-        self._sub_link.add_up_hook(self._consume_async_queue)
+        # Every consuming link of the primary zone (one per broker of a standalone zone:
+        # a reply may come through any of them).
+        for feed in self.zones[self.zone].feeds:
+            feed.link.add_up_hook(self._async_consumer(feed.link))
 
     # -- both sides -----------------------------------------------------
     def _declare_async_queue(self, conn, channel=None):
@@ -230,13 +233,14 @@ class Kazoo(runtime.Kazoo):
             self._stats.queries_timeout += 1
 
     # -- consumer process side -----------------------------------------
-    def _consume_async_queue(self, conn):
-        if not self._consuming_async:
-            return
-        channel = conn.channel()
-        self._declare_async_queue(conn, channel)
-        self._sub_link.consume(channel, self.async_queue, 'kg-async', self._on_async_message,
-                               True)
+    def _async_consumer(self, link):
+        def consume_async_queue(conn):
+            if not self._consuming_async:
+                return
+            channel = conn.channel()
+            self._declare_async_queue(conn, channel)
+            link.consume(channel, self.async_queue, 'kg-async', self._on_async_message, True)
+        return consume_async_queue
 
     def _on_async_message(self, message):
         """Runs in the reading greenlet: hand every resume to a worker. Never raises."""
@@ -331,7 +335,8 @@ class Kazoo(runtime.Kazoo):
         """The consumer process's body (from rtimer): never returns."""
         self._consuming_async = True
         self.start()
-        self._sub_link.start()  # the async reply queue needs it even without subscriptions
+        for feed in self.zones[self.zone].feeds:
+            feed.link.start()  # the async reply queue needs them even without subscriptions
         while True:
             gevent.sleep(3600)
 

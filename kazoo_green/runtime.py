@@ -2,18 +2,18 @@
 
 import logging
 import signal
-from time import monotonic
+from collections import OrderedDict
+from time import monotonic, time
 
 import gevent
 from gevent.event import Event
 
 from . import _defaults as D
-from ._consume import Subscriber, Subscription
+from ._consume import Subscription
 from ._dispatch import Delivery, Dispatcher, RouteTable
-from ._link import Link, parse_brokers
-from ._publish import Publisher
-from ._query import ReplyWaiter
 from ._stats import Stats
+from ._topology import parse_topology
+from ._zone import Zone
 from ._version import __version__
 from .errors import KazooError
 from .wire import dumps, hostname, route_names, stamp, to_payload
@@ -70,8 +70,9 @@ class Kazoo(object):
                  publish_buffer=D.PUBLISH_BUFFER, connect_timeout=D.CONNECT_TIMEOUT,
                  heartbeat=D.HEARTBEAT, confirm_timeout=D.CONFIRM_TIMEOUT,
                  direct_reply_to=True, poll_interval=D.POLL_INTERVAL,
-                 transport_options=None, blocking=False, ssl=None, fast=True):
-        self.urls = parse_brokers(brokers)
+                 transport_options=None, blocking=False, ssl=None, fast=True,
+                 zone=None, shape='cluster'):
+        specs, self.zone = parse_topology(brokers, zone, shape)
         self.app_name = app_name
         self.app_version = app_version or __version__
         self.node = node or '%s@%s' % (app_name, hostname())
@@ -83,18 +84,37 @@ class Kazoo(object):
         link_args = dict(connect_timeout=connect_timeout, heartbeat=heartbeat,
                          poll_interval=poll_interval, transport_options=transport_options,
                          label=self.node, blocking=blocking, ssl=ssl, fast=fast)
-        self._pub_link = Link('publish', self.urls, self._stats, **link_args)
-        self._publisher = Publisher(self._pub_link, self._stats, publish_buffer)
-        self._replies = ReplyWaiter(self._pub_link, self._publisher, self._stats, self.node,
-                                    direct_reply_to=direct_reply_to)
-        self._sub_link = Link('consume', self.urls, self._stats, **link_args)
-        self._subscriber = Subscriber(self._sub_link, self.dispatcher, self.routes,
-                                      self._stats, self.node, prefetch or 2 * workers)
-        for link in (self._pub_link, self._sub_link):
-            link.on_up(self._link_up)
-            link.on_down(self._link_down)
+        #: The zones by name, the primary (``zone``) first.
+        self.zones = OrderedDict()
+        for name in [self.zone] + [n for n in specs if n != self.zone]:
+            z = Zone(specs[name], self._stats, self.node, link_args, publish_buffer,
+                     direct_reply_to, self.dispatcher, self.routes, prefetch or 2 * workers)
+            z.replies.on_unsolicited = self._unsolicited
+            for link in z.links:
+                link.on_up(self._link_up)
+                link.on_down(self._link_down)
+            self.zones[name] = z
+        primary = self.zones[self.zone]
+        self.urls = primary.urls
+        # The primary zone's parts, under the names the single-zone runtime had.
+        self._pub_link = primary.pub_link
+        self._publisher = primary.publisher
+        self._replies = primary.replies
+        self._sub_link = primary.feeds[0].link
+        self._subscriber = primary.feeds[0].subscriber
+        self._subscriptions = []
         self._started = False
         self._stopped = Event()
+
+    def _zone(self, name):
+        """The Zone called ``name`` (None: the primary one); ValueError if unknown."""
+        if name is None:
+            return self.zones[self.zone]
+        try:
+            return self.zones[name]
+        except KeyError:
+            raise ValueError('unknown zone %r (zones: %s)' % (name, ', '.join(self.zones))) \
+                from None
 
     # -- sending --------------------------------------------------------
     @staticmethod
@@ -110,8 +130,11 @@ class Kazoo(object):
         return stamp(payload, self.app_name, self.app_version, self.node)
 
     def publish(self, exchange, routing_key, payload, headers=None, confirm=False,
-                mandatory=False, persistent=False, timeout=None, properties=None):
+                mandatory=False, persistent=False, timeout=None, properties=None,
+                zone=None):
         """Publish ``payload`` (a dict or JSON text) and return its ``Msg-ID``.
+
+        It goes to the primary zone's brokers, or to those of ``zone``.
 
         The envelope fields are stamped when absent. Invalid JSON raises
         InvalidPayload and nothing is sent; a missing exchange raises
@@ -123,6 +146,12 @@ class Kazoo(object):
         call returns once the broker confirmed it, re-sending it after a
         lost connection, within ``timeout`` (default ``confirm_timeout``).
         """
+        publisher = self._zone(zone).publisher if zone is not None else self._publisher
+        return self._publish(publisher, exchange, routing_key, payload, headers, confirm,
+                             mandatory, persistent, timeout, properties)
+
+    def _publish(self, publisher, exchange, routing_key, payload, headers=None, confirm=False,
+                 mandatory=False, persistent=False, timeout=None, properties=None):
         message = self._message(payload)
         props = dict(properties) if properties else {}
         if persistent:
@@ -131,20 +160,23 @@ class Kazoo(object):
         try:
             if confirm:
                 deadline = monotonic() + self._timeout(timeout, self.confirm_timeout)
-                self._publisher.publish_confirmed(exchange, routing_key, body, headers, props,
-                                                  mandatory, deadline)
+                publisher.publish_confirmed(exchange, routing_key, body, headers, props,
+                                            mandatory, deadline)
             else:
                 deadline = monotonic() + self._timeout(timeout, self.query_timeout)
-                self._publisher.publish(exchange, routing_key, body, headers, props,
-                                        mandatory, deadline)
+                publisher.publish(exchange, routing_key, body, headers, props,
+                                  mandatory, deadline)
         except KazooError:
             self._stats.publish_errors += 1
             raise
         return message['Msg-ID']
 
     def query(self, exchange, routing_key, payload, timeout=None, headers=None,
-              mandatory=True):
+              mandatory=True, zone=None):
         """Publish a request and return the reply payload (a dict).
+
+        The request goes to the primary zone, or to ``zone``; its reply comes back
+        through the same zone.
 
         The request carries ``Server-ID`` and ``Msg-ID`` (Kazoo responders)
         and ``reply_to``/``correlation_id`` (generic AMQP responders, on
@@ -154,7 +186,8 @@ class Kazoo(object):
         broker went away, UnknownExchange for a missing exchange.
         """
         message = self._message(payload)
-        return self._replies.query(exchange, routing_key, message,
+        replies = self._replies if zone is None else self._zone(zone).replies
+        return replies.query(exchange, routing_key, message,
                                    self._timeout(timeout, self.query_timeout), headers,
                                    mandatory)
 
@@ -163,24 +196,36 @@ class Kazoo(object):
 
         Uses ``reply_to`` when the request has one (``meta`` needed), else
         the Kazoo style: exchange ``targeted``, routing key ``Server-ID``.
-        ``Msg-ID`` is copied from the request.
+        ``Msg-ID`` is copied from the request. The reply goes back through the
+        zone that received the request (``meta.zone``, or the request's
+        ``AMQP-Broker-Zone``), and with standalone brokers through the very broker.
         """
         reply = to_payload(reply)
         reply['Msg-ID'] = request.get('Msg-ID')
+        publisher = self._publisher
+        if meta is not None and meta.via is not None:
+            publisher = meta.via
+        else:
+            zone = meta.zone if meta is not None else None
+            zone = zone or request.get('AMQP-Broker-Zone')
+            if isinstance(zone, str) and zone in self.zones:
+                publisher = self.zones[zone].publisher
         properties = meta.properties if meta is not None else {}
         reply_to = properties.get('reply_to')
         if reply_to:
-            return self.publish('', reply_to, reply,
-                                properties={'correlation_id': properties.get('correlation_id')})
+            return self._publish(publisher, '', reply_to, reply,
+                                 properties={'correlation_id': properties.get('correlation_id')})
         if request.get('Server-ID'):
-            return self.publish(D.TARGETED_EXCHANGE, request['Server-ID'], reply)
+            return self._publish(publisher, D.TARGETED_EXCHANGE, request['Server-ID'], reply)
         raise KazooError('request has neither reply_to nor Server-ID to answer to')
 
     # -- consuming ------------------------------------------------------
     def subscribe(self, exchange, routing_key, queue=None, exchange_type='direct', ack='late',
                   durable=False, auto_delete=None, exclusive=False, passive=False,
                   queue_arguments=None, exchange_durable=False, prefetch=None,
-                  event_key=D.EVENT_KEY, event_subkey=D.EVENT_SUBKEY, worker_key=None):
+                  event_key=None, event_subkey=None, worker_key=None,
+                  federate=False, exchange_auto_delete=False, exchange_internal=False,
+                  exchange_bindings=None):
         """Consume ``queue`` bound to ``exchange`` with ``routing_key`` (a key or a list).
 
         Each message runs the event route chosen from its payload (see
@@ -190,17 +235,43 @@ class Kazoo(object):
         consumes without acks. ``worker_key`` (a payload field, or
         ``'routing_key'``) sends equal values to the same worker, in order.
         ``exchange_type=None`` requires the exchange to exist already.
+        ``event_key``/``event_subkey``: the payload fields that choose the route
+        (default ``Event-Category``/``Event-Name``; see ``wire.route_names``).
+
+        It is consumed in the primary zone, from every zone with ``federate``
+        (from each broker of a standalone zone). ``exchange_auto_delete`` and
+        ``exchange_internal`` are the exchange's flags; ``exchange_bindings`` binds
+        other exchanges to it: ``[{'exchange': SOURCE, 'routing_key': KEY or [KEYS],
+        'type': TYPE}]`` (with ``type`` the source is declared too).
         """
         sub = Subscription(exchange, routing_key, queue=queue, exchange_type=exchange_type,
                            durable=durable, auto_delete=auto_delete, exclusive=exclusive,
                            passive=passive, queue_arguments=queue_arguments,
                            exchange_durable=exchange_durable, ack=ack, prefetch=prefetch,
                            event_key=event_key, event_subkey=event_subkey,
-                           worker_key=worker_key)
-        self._subscriber.add(sub)
+                           worker_key=worker_key, exchange_auto_delete=exchange_auto_delete,
+                           exchange_internal=exchange_internal,
+                           exchange_bindings=exchange_bindings, federate=federate)
+        sub.index = len(self._subscriptions)
+        zones = list(self.zones.values()) if federate else [self.zones[self.zone]]
+        copies = [sub.copy_for(z.name) for z in zones for _ in z.feeds]
+        added = []
+        try:
+            for z in zones:
+                for feed in z.feeds:
+                    twin = copies[len(added)]
+                    twin.copies = copies
+                    feed.subscriber.add(twin)
+                    added.append((feed, twin))
+        except KazooError:
+            for feed, twin in added:
+                feed.subscriber.remove(twin)
+            raise
+        self._subscriptions.append(sub)
         if self._started:
-            self._sub_link.start()
-        return sub
+            for feed, _ in added:
+                feed.link.start()
+        return copies[0]
 
     def event_route(self, name):
         """Decorator: run ``fn(payload, meta)`` for messages routed to ``name``.
@@ -226,13 +297,35 @@ class Kazoo(object):
     def _connection_event(self, state, link, exc=None):
         if not self.dispatcher.running:
             return
+        # The C module's fields (host, zone), and kazoo_green's (Host: host:port, Link).
         payload = {'Event-Category': 'connection', 'Event-Name': state,
-                   'Host': link.host, 'Link': link.name}
+                   'host': link.hostname, 'zone': link.zone, 'Host': link.host,
+                   'Link': link.name}
         if exc is not None:
             payload['Reason'] = str(exc)
         names = route_names(payload)
-        meta = Delivery(None, None, None, None, {}, False, {})
+        meta = Delivery(None, None, None, None, {}, False, {}, link.zone, link.host)
         self.dispatcher.submit(self._run_event, (names, payload, meta))
+
+    def _unsolicited(self, payload, message, link):
+        """A message on a reply queue that answers no query: run as an event, as the C
+        module does with what reaches its targeted queue. False where no workers run
+        (caller-driven processes: the caller counts it)."""
+        if not self.dispatcher.running:
+            return False
+        self._stats.unsolicited += 1
+        zone = link.zone
+        payload['AMQP-Broker-Zone'] = zone
+        payload['AMQP-Received'] = int(time())
+        try:
+            info = message.delivery_info
+        except Exception:
+            info = {}
+        meta = Delivery(None, info.get('exchange'), info.get('routing_key'), None,
+                        getattr(message, 'headers', None) or {}, False,
+                        getattr(message, 'properties', None) or {}, zone, link.host)
+        self.dispatcher.submit(self._run_event, (route_names(payload), payload, meta))
+        return True
 
     def _run_event(self, names, payload, meta):
         route, fn = self.routes.resolve(names)
@@ -245,6 +338,15 @@ class Kazoo(object):
             self._stats.handler_errors += 1
             log.exception('event route %s failed', route)
 
+    def _links(self, started=False):
+        """Every link, or those a started runtime runs (publishing, and consuming where
+        there is something to consume)."""
+        out = []
+        for z in self.zones.values():
+            out.append(z.pub_link)
+            out.extend(z.consume_links() if started else [f.link for f in z.feeds])
+        return out
+
     # -- life cycle -----------------------------------------------------
     def start(self):
         """Start the worker greenlets and background readers (returns at once)."""
@@ -253,25 +355,29 @@ class Kazoo(object):
         self._started = True
         self._stopped.clear()
         self.dispatcher.start()
-        self._pub_link.start()
-        if self._subscriber.subscriptions:
-            self._sub_link.start()
+        for link in self._links(started=True):
+            link.start()
 
     def stop(self, timeout=D.STOP_TIMEOUT):
         """Stop gracefully: no new deliveries, in-flight handlers finish and settle.
 
-        On a runtime that was never started this closes its connection.
+        On a runtime that was never started this closes its connections.
         """
         if not self._started:
-            self._pub_link.stop()
+            for z in self.zones.values():
+                z.pub_link.stop()
             return
-        self._subscriber.cancel_all()
+        for z in self.zones.values():
+            for feed in z.feeds:
+                feed.subscriber.cancel_all()
         if not self.dispatcher.join(timeout):
             log.warning('stop: handlers still running after %.1fs; their messages will be '
                         'redelivered', timeout)
         self.dispatcher.stop()
-        self._sub_link.stop()
-        self._pub_link.stop()
+        for z in self.zones.values():
+            for feed in z.feeds:
+                feed.link.stop()
+            z.pub_link.stop()
         self._started = False
         self._stopped.set()
 
@@ -293,7 +399,7 @@ class Kazoo(object):
     def wait_connected(self, timeout=5.0):
         """Block until the started links are up; returns whether they are."""
         deadline = monotonic() + timeout
-        links = [self._pub_link] + ([self._sub_link] if self._subscriber.subscriptions else [])
+        links = self._links(started=True)
         for link in links:
             while not link.connected and monotonic() < deadline:
                 gevent.sleep(0.01)
@@ -312,8 +418,16 @@ class Kazoo(object):
     def stats(self):
         """Counters (see ``kazoo_green._stats.COUNTERS``) plus current gauges."""
         stats = self._stats.as_dict()
-        stats['pending_queries'] = self._replies.pending
-        stats['buffer_size'] = self._publisher.buffered
+        zones = self.zones.values()
+        stats['pending_queries'] = sum(z.replies.pending for z in zones)
+        stats['buffer_size'] = sum(z.publisher.buffered for z in zones)
         stats['publish_connected'] = self._pub_link.connected
         stats['consume_connected'] = self._sub_link.connected
         return stats
+
+    def links(self):
+        """One dict per connection: ``zone``, ``role`` (publish/consume), ``brokers`` (its
+        URLs, without passwords), ``connected``, ``host`` (host:port when connected)."""
+        return [{'zone': link.zone, 'role': link.name, 'brokers': link.describe(),
+                 'connected': link.connected, 'host': link.host if link.connected else None}
+                for link in self._links()]

@@ -17,6 +17,13 @@ def unique(prefix='kgt'):
     return '%s-%s' % (prefix, uuid.uuid4().hex[:10])
 
 
+def event(category, name, **fields):
+    """A Kazoo payload: Event-Category, Event-Name and ``fields``."""
+    payload = {'Event-Category': category, 'Event-Name': name}
+    payload.update(fields)
+    return payload
+
+
 def wait_for(predicate, timeout=10.0, interval=0.01):
     """Poll ``predicate`` (yielding to greenlets) until true; returns its last value."""
     deadline = monotonic() + timeout

@@ -15,18 +15,12 @@ from kazoo_green import (
 )
 
 from ..conftest import (
-    RABBIT_URL, close_connections, queue_counts, rabbitmqctl, unique, wait_for,
+    RABBIT_URL, close_connections, event, queue_counts, rabbitmqctl, unique, wait_for,
 )
 from . import responders
 from .responders import PlainResponder
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-def event(category, name, **fields):
-    payload = {'Event-Category': category, 'Event-Name': name}
-    payload.update(fields)
-    return payload
 
 
 class Cleanup(tuple):

@@ -18,19 +18,13 @@ import pytest
 
 from kazoo_green import NotConnected
 
-from ..conftest import unique, wait_for
+from ..conftest import event, unique, wait_for
 from . import responders
 from ..tls import tls_broker  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.timeout(240)  # includes the node's boot in the first test
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-def event(category, name, **fields):
-    payload = {'Event-Category': category, 'Event-Name': name}
-    payload.update(fields)
-    return payload
 
 
 @pytest.fixture

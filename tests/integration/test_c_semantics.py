@@ -1,0 +1,125 @@
+"""The C kazoo module's semantics kazoo_green copies, on the real broker (127.0.0.1:5672):
+routes for messages without key fields, unsolicited messages on the reply queue run as
+events, exchange flags and exchange-to-exchange bindings."""
+
+import gevent
+import pytest
+
+from kazoo_green import QueryTimeout
+
+from ..conftest import RABBIT_URL, rabbitmqctl, unique, wait_for
+
+
+def started(kz):
+    kz.start()
+    assert kz.wait_connected(10)
+    return kz
+
+
+def test_messages_without_key_fields_take_the_c_modules_fallback_routes(runtimes):
+    exchange = unique('csem')
+    kz = runtimes(RABBIT_URL)
+    seen = []
+    for route in ('kazoo:consumer-event-cat', 'kazoo:consumer-event-event-category-event-name',
+                  'kazoo:consumer-event-cat-name'):
+        # (connection events take these routes too: kazoo:consumer-event-connection-open
+        # and -connection are not defined)
+        kz.add_route(route, lambda payload, meta: seen.append((payload['n'], meta.route))
+                     if 'n' in payload else None)
+    kz.subscribe(exchange, 'k')
+    started(kz)
+    sender = runtimes(RABBIT_URL)
+    for n, payload in enumerate([{'t': 3}, {'Event-Name': 'name'}, {'Event-Category': 'cat'},
+                                 {'Event-Category': 'cat', 'Event-Name': 'name'},
+                                 {'Event-Category': 'other', 'Event-Name': 'x'}]):
+        payload['n'] = n
+        sender.publish(exchange, 'k', payload)
+    assert wait_for(lambda: len(seen) == 5), seen
+    assert sorted(seen) == [
+        (0, 'kazoo:consumer-event-event-category-event-name'),
+        (1, 'kazoo:consumer-event-event-category-event-name'),
+        (2, 'kazoo:consumer-event-cat'),
+        (3, 'kazoo:consumer-event-cat-name'),
+        (4, 'kazoo:consumer-event-event-category-event-name')]
+    assert kz.stats()['bad_input'] == 0
+
+
+@pytest.mark.parametrize('direct_reply_to', [True, False], ids=['reply-to', 'server-id'])
+def test_unsolicited_messages_on_the_reply_queue_run_as_events(runtimes, direct_reply_to):
+    kz = runtimes(RABBIT_URL, direct_reply_to=direct_reply_to)
+    seen = []
+    kz.add_route('kazoo:consumer-event-presence-probe',
+                 lambda payload, meta: seen.append((payload, meta)))
+    started(kz)
+    assert wait_for(lambda: kz._pub_link.connected)
+    sender = runtimes(RABBIT_URL)
+    sender.publish('targeted', kz.server_id, {'Event-Category': 'presence',
+                                              'Event-Name': 'probe', 'Username': 'alice'})
+    assert wait_for(lambda: seen)
+    payload, meta = seen[0]
+    assert (payload['Username'], payload['AMQP-Broker-Zone'], meta.exchange,
+            meta.routing_key) == ('alice', 'local', 'targeted', kz.server_id)
+    assert isinstance(payload['AMQP-Received'], int)
+    assert kz.stats()['unsolicited'] == 1
+
+
+def test_a_late_reply_is_not_taken_for_an_unsolicited_message(runtimes):
+    exchange = unique('clate')
+    responder = runtimes(RABBIT_URL)
+    held = []
+    responder.add_route('kazoo:consumer-event-route-req',
+                        lambda payload, meta: held.append((payload, meta)))
+    responder.subscribe(exchange, 'req')
+    started(responder)
+    kz = runtimes(RABBIT_URL)
+    events = []
+    kz.add_route('kazoo:consumer-event', lambda payload, meta: events.append(payload)
+                 if payload['Event-Category'] != 'connection' else None)
+    started(kz)
+    with pytest.raises(QueryTimeout):
+        kz.query(exchange, 'req', {'Event-Category': 'route', 'Event-Name': 'req'},
+                 timeout=0.3)
+    request, meta = held[0]
+    responder.respond(request, {'Event-Category': 'route', 'Event-Name': 'resp'}, meta)
+    assert wait_for(lambda: kz.stats()['replies_unmatched'] == 1)
+    gevent.sleep(0.1)
+    assert events == [] and kz.stats()['unsolicited'] == 0
+
+
+def _exchange_flags(name):
+    out = rabbitmqctl('list_exchanges', 'name', 'type', 'auto_delete', 'internal')
+    for line in out.splitlines():
+        parts = line.split('\t')
+        if parts[0] == name:
+            return tuple(parts[1:])
+    return None
+
+
+def test_exchange_flags_and_exchange_to_exchange_bindings(runtimes):
+    dest, source, other = unique('cdest'), unique('csrc'), unique('csrc2')
+    kz = runtimes(RABBIT_URL)
+    seen = []
+    kz.add_route('kazoo:consumer-event-e2e', lambda payload, meta: seen.append(payload['n']))
+    # The C module's exchange-bindings object (source -> destination), and two sources:
+    # the C module applies only the first one that has a routing key; both apply here.
+    kz.subscribe(dest, '#', exchange_type='topic', exchange_internal=True,
+                 exchange_auto_delete=True,
+                 exchange_bindings={source: {'type': 'topic', 'routing': ['a.*', 'b.#']},
+                                    other: {'type': 'direct', 'routing': 'x'}})
+    started(kz)
+    assert _exchange_flags(dest) == ('topic', 'true', 'true')
+    assert _exchange_flags(source) == ('topic', 'false', 'false')
+    sender = runtimes(RABBIT_URL)
+    sender.publish(source, 'a.one', {'Event-Category': 'e2e', 'Event-Name': 'x', 'n': 1})
+    sender.publish(source, 'b.two.three', {'Event-Category': 'e2e', 'Event-Name': 'x', 'n': 2})
+    sender.publish(source, 'c.not', {'Event-Category': 'e2e', 'Event-Name': 'x', 'n': 3})
+    sender.publish(other, 'x', {'Event-Category': 'e2e', 'Event-Name': 'x', 'n': 4})
+    assert wait_for(lambda: len(seen) == 3)
+    gevent.sleep(0.1)
+    assert sorted(seen) == [1, 2, 4]
+    kz.stop()
+    # auto_delete: gone once its last binding (the queue's) went with the consumer.
+    assert wait_for(lambda: _exchange_flags(dest) is None, 10)
+    for name in (source, other):
+        rabbitmqctl('eval', 'rabbit_exchange:delete(rabbit_misc:r(<<"/">>, exchange, '
+                    '<<"%s">>), false, <<"test">>).' % name, check=False)
