@@ -155,8 +155,11 @@ def _exchange_bindings(bindings):
 class Subscriber(object):
     """Declares and consumes every subscription on one link, on each connect."""
 
-    def __init__(self, link, dispatcher, routes, stats, node, prefetch, via=None):
+    def __init__(self, link, dispatcher, routes, stats, node, prefetch, via=None,
+                 event_keys=(D.EVENT_KEY, D.EVENT_SUBKEY)):
         self.link = link
+        #: The runtime's key fields, for subscriptions that name none.
+        self.event_keys = event_keys
         #: The Publisher on this very connection (standalone brokers), for replies.
         self.via = via
         self.dispatcher = dispatcher
@@ -331,15 +334,16 @@ class Subscriber(object):
             # As the C module: the zone that received it, and when (epoch seconds).
             payload['AMQP-Broker-Zone'] = self.link.zone
             payload['AMQP-Received'] = int(time())
-            names = route_names(payload, sub.event_key, sub.event_subkey)
+            names = route_names(payload, sub.event_key, sub.event_subkey, self.event_keys)
             key = None
             if sub.worker_key:
                 if sub.worker_key == 'routing_key':
                     key = info.get('routing_key')
                 else:
                     key = payload.get(sub.worker_key)
-                    if isinstance(key, (dict, list)):
-                        key = None
+                    if key is None or isinstance(key, (dict, list)):
+                        # As the C module's consistent-worker-key: the routing key then.
+                        key = info.get('routing_key')
         except BadMessage as exc:
             self._bad(sub, channel, raw, exc)
             return

@@ -3,7 +3,7 @@
 import logging
 import socket
 from collections import deque
-from time import monotonic
+from time import monotonic, time
 
 from amqp import spec
 
@@ -228,6 +228,8 @@ class ReplyWaiter(object):
             self.stats.replies_unmatched += 1
             log.debug('reply matches no waiting query (Msg-ID=%s)', _logs.short(msg_id))
             return
+        payload['AMQP-Broker-Zone'] = self.link.zone   # stamped as consumed messages are
+        payload['AMQP-Received'] = int(time())
         result.set(payload)
 
     def answered(self, msg_id):
@@ -317,6 +319,8 @@ class ReplyWaiter(object):
                     reply = None
                 if reply is not None and reply.get('Msg-ID') == msg_id:
                     self.stats.queries_ok += 1
+                    reply['AMQP-Broker-Zone'] = link.zone
+                    reply['AMQP-Received'] = int(time())
                     return reply
                 # Not this query's, or not JSON: as the consumer callback would.
                 properties, bad = decode_properties(header, 12, len(header))

@@ -42,7 +42,7 @@ class Zone(object):
     """The links of one zone (``spec``: a _topology.ZoneSpec)."""
 
     def __init__(self, spec, stats, node, link_args, publish_buffer, direct_reply_to,
-                 dispatcher, routes, prefetch):
+                 dispatcher, routes, prefetch, event_keys):
         self.name = spec.name
         self.shape = spec.shape
         self.urls = list(spec.urls)
@@ -61,7 +61,7 @@ class Zone(object):
                 publisher = Publisher(link, stats, publish_buffer)
                 link.add_up_hook(self.replies.listener(link))
             subscriber = Subscriber(link, dispatcher, routes, stats, node, prefetch,
-                                    via=publisher)
+                                    via=publisher, event_keys=event_keys)
             self.feeds.append(Feed(link, subscriber, publisher))
 
     @property

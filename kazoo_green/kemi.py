@@ -44,6 +44,7 @@ whichever consumer process gets it.
 import logging
 import os
 import re
+import time
 from collections import deque
 from time import monotonic
 
@@ -256,6 +257,8 @@ class Kazoo(runtime.Kazoo):
             _logs.bad_input.warning('bad message on %s (%d bytes): %s', self.async_queue,
                                     len(message.body or b''), exc)
             return
+        payload['AMQP-Broker-Zone'] = self.zone   # as consumed messages and sync replies
+        payload['AMQP-Received'] = int(time.time())
         notice = payload.get('kg-async')
         if notice is not None:
             if isinstance(notice, str):

@@ -71,8 +71,12 @@ class Kazoo(object):
                  heartbeat=D.HEARTBEAT, confirm_timeout=D.CONFIRM_TIMEOUT,
                  direct_reply_to=True, poll_interval=D.POLL_INTERVAL,
                  transport_options=None, blocking=False, ssl=None, fast=True,
-                 zone=None, shape='cluster'):
+                 zone=None, shape='cluster', event_key=D.EVENT_KEY,
+                 event_subkey=D.EVENT_SUBKEY):
         specs, self.zone = parse_topology(brokers, zone, shape)
+        #: The key fields of routes (C: amqp_consumer_event_key/_subkey): for
+        #: subscriptions that name none, connection events, unsolicited messages.
+        self.event_keys = (event_key, event_subkey)
         self.app_name = app_name
         self.app_version = app_version or __version__
         self.node = node or '%s@%s' % (app_name, hostname())
@@ -88,7 +92,8 @@ class Kazoo(object):
         self.zones = OrderedDict()
         for name in [self.zone] + [n for n in specs if n != self.zone]:
             z = Zone(specs[name], self._stats, self.node, link_args, publish_buffer,
-                     direct_reply_to, self.dispatcher, self.routes, prefetch or 2 * workers)
+                     direct_reply_to, self.dispatcher, self.routes, prefetch or 2 * workers,
+                     self.event_keys)
             z.replies.on_unsolicited = self._unsolicited
             for link in z.links:
                 link.on_up(self._link_up)
@@ -146,13 +151,18 @@ class Kazoo(object):
         call returns once the broker confirmed it, re-sending it after a
         lost connection, within ``timeout`` (default ``confirm_timeout``).
         """
-        publisher = self._zone(zone).publisher if zone is not None else self._publisher
-        return self._publish(publisher, exchange, routing_key, payload, headers, confirm,
-                             mandatory, persistent, timeout, properties)
+        z = self._zone(zone)
+        return self._publish(z.publisher, exchange, routing_key, payload, headers, confirm,
+                             mandatory, persistent, timeout, properties, z.replies)
 
     def _publish(self, publisher, exchange, routing_key, payload, headers=None, confirm=False,
-                 mandatory=False, persistent=False, timeout=None, properties=None):
+                 mandatory=False, persistent=False, timeout=None, properties=None,
+                 replies=None):
         message = self._message(payload)
+        if 'Server-ID' not in message:
+            # As the C module: every message says where an answer to it would reach
+            # this process (Kazoo applications answer some events that way).
+            message['Server-ID'] = (replies or self._replies).server_id
         props = dict(properties) if properties else {}
         if persistent:
             props['delivery_mode'] = 2
@@ -202,21 +212,28 @@ class Kazoo(object):
         """
         reply = to_payload(reply)
         reply['Msg-ID'] = request.get('Msg-ID')
-        publisher = self._publisher
+        z = self.zones[self.zone]
+        zone = meta.zone if meta is not None else None
+        zone = zone or request.get('AMQP-Broker-Zone')
+        if isinstance(zone, str) and zone in self.zones:
+            z = self.zones[zone]
+        publisher = z.publisher
         if meta is not None and meta.via is not None:
             publisher = meta.via
-        else:
-            zone = meta.zone if meta is not None else None
-            zone = zone or request.get('AMQP-Broker-Zone')
-            if isinstance(zone, str) and zone in self.zones:
-                publisher = self.zones[zone].publisher
         properties = meta.properties if meta is not None else {}
         reply_to = properties.get('reply_to')
         if reply_to:
             return self._publish(publisher, '', reply_to, reply,
-                                 properties={'correlation_id': properties.get('correlation_id')})
-        if request.get('Server-ID'):
-            return self._publish(publisher, D.TARGETED_EXCHANGE, request['Server-ID'], reply)
+                                 properties={'correlation_id': properties.get('correlation_id')},
+                                 replies=z.replies)
+        server_id = request.get('Server-ID')
+        if isinstance(server_id, str) and server_id:
+            if server_id.startswith('consumer://'):
+                # Forwarded by a C kazoo module, which rewrites Server-ID on consume to
+                # consumer://<its server>/<Server-ID>: the part after the prefix.
+                server_id = server_id.split('/', 3)[-1]
+            return self._publish(publisher, D.TARGETED_EXCHANGE, server_id, reply,
+                                 replies=z.replies)
         raise KazooError('request has neither reply_to nor Server-ID to answer to')
 
     # -- consuming ------------------------------------------------------
@@ -298,12 +315,12 @@ class Kazoo(object):
         if not self.dispatcher.running:
             return
         # The C module's fields (host, zone), and kazoo_green's (Host: host:port, Link).
-        payload = {'Event-Category': 'connection', 'Event-Name': state,
+        payload = {self.event_keys[0]: 'connection', self.event_keys[1]: state,
                    'host': link.hostname, 'zone': link.zone, 'Host': link.host,
                    'Link': link.name}
         if exc is not None:
             payload['Reason'] = str(exc)
-        names = route_names(payload)
+        names = route_names(payload, defaults=self.event_keys)
         meta = Delivery(None, None, None, None, {}, False, {}, link.zone, link.host)
         self.dispatcher.submit(self._run_event, (names, payload, meta))
 
@@ -324,7 +341,8 @@ class Kazoo(object):
         meta = Delivery(None, info.get('exchange'), info.get('routing_key'), None,
                         getattr(message, 'headers', None) or {}, False,
                         getattr(message, 'properties', None) or {}, zone, link.host)
-        self.dispatcher.submit(self._run_event, (route_names(payload), payload, meta))
+        self.dispatcher.submit(self._run_event,
+                               (route_names(payload, defaults=self.event_keys), payload, meta))
         return True
 
     def _run_event(self, names, payload, meta):

@@ -245,7 +245,7 @@ def _text(value):
     return None
 
 
-def route_names(payload, key=None, subkey=None):
+def route_names(payload, key=None, subkey=None, defaults=(D.EVENT_KEY, D.EVENT_SUBKEY)):
     """Event-route names for ``payload``, most specific first, as the C module makes them:
 
     1. ``kazoo:consumer-event-<category>-<name>``  (the key fields' values)
@@ -255,7 +255,8 @@ def route_names(payload, key=None, subkey=None):
     5. ``kazoo:consumer-event``
 
     lower-cased, ``_`` written as ``-``. ``key``/``subkey`` are a subscription's own
-    key fields (None: ``Event-Category``/``Event-Name``). A key field that is missing,
+    key fields (None: ``defaults``, the runtime's, ``Event-Category``/``Event-Name``
+    unless set: the C module's ``amqp_consumer_event_key``/``_subkey``). A key field that is missing,
     null, empty or not a scalar gives an empty value (so ``{"Event-Category": "cat"}``
     runs ``kazoo:consumer-event-cat`` unless ``kazoo:consumer-event-cat-`` exists, and a
     payload without key fields runs step 3); for a subscription's own key field, the
@@ -266,8 +267,8 @@ def route_names(payload, key=None, subkey=None):
     >>> route_names({'Event-Name': 'x'})[2]
     'kazoo:consumer-event-event-category-event-name'
     """
-    k = key or D.EVENT_KEY
-    sk = subkey or D.EVENT_SUBKEY
+    k = key or defaults[0]
+    sk = subkey or defaults[1]
     category = _text(payload.get(k)) or key or ''
     name = _text(payload.get(sk)) or subkey or ''
     p = D.ROUTE_PREFIX

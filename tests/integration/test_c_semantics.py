@@ -123,3 +123,85 @@ def test_exchange_flags_and_exchange_to_exchange_bindings(runtimes):
     for name in (source, other):
         rabbitmqctl('eval', 'rabbit_exchange:delete(rabbit_misc:r(<<"/">>, exchange, '
                     '<<"%s">>), false, <<"test">>).' % name, check=False)
+
+
+def test_publishes_say_where_an_answer_would_reach_this_process(runtimes):
+    """The C module adds Server-ID to every message it publishes (when absent): a Kazoo
+    application may answer an event there; kazoo_green then runs the answer as an event."""
+    exchange = unique('csid')
+    kz = runtimes(RABBIT_URL)
+    answers = []
+    kz.add_route('kazoo:consumer-event-presence-answer',
+                 lambda payload, meta: answers.append(payload))
+    started(kz)
+    peer = runtimes(RABBIT_URL)
+    got = []
+    peer.add_route('kazoo:consumer-event-presence-search',
+                   lambda payload, meta: got.append(payload))
+    peer.subscribe(exchange, 'search')
+    started(peer)
+    kz.publish(exchange, 'search', {'Event-Category': 'presence', 'Event-Name': 'search'})
+    kz.publish(exchange, 'search', {'Event-Category': 'presence', 'Event-Name': 'search',
+                                    'Server-ID': 'kept'})
+    assert wait_for(lambda: len(got) == 2)
+    assert [p['Server-ID'] for p in got] == [kz.server_id, 'kept']
+    peer.publish('targeted', got[0]['Server-ID'], {'Event-Category': 'presence',
+                                                   'Event-Name': 'answer'})
+    assert wait_for(lambda: answers)
+
+
+def test_respond_understands_the_c_modules_consumer_server_id(runtimes):
+    """A request forwarded by the C module carries Server-ID consumer://<server>/<id>."""
+    exchange = unique('ccons')
+    responder = runtimes(RABBIT_URL)
+
+    @responder.event_route('kazoo:consumer-event-route-req')
+    def answer(payload, meta):
+        payload['Server-ID'] = 'consumer://7/' + payload['Server-ID']
+        responder.respond(payload, {'Event-Category': 'route', 'Event-Name': 'resp'})
+
+    responder.subscribe(exchange, 'req')
+    started(responder)
+    kz = runtimes(RABBIT_URL, direct_reply_to=False)
+    reply = kz.query(exchange, 'req', {'Event-Category': 'route', 'Event-Name': 'req'},
+                     timeout=5)
+    # Stamped as consumed messages are (the C module's $kzR is too).
+    assert (reply['Event-Name'], reply['AMQP-Broker-Zone']) == ('resp', 'local')
+    assert isinstance(reply['AMQP-Received'], int)
+
+
+def test_a_missing_worker_key_falls_back_to_the_routing_key(runtimes):
+    exchange = unique('cwk')
+    kz = runtimes(RABBIT_URL, workers=4)
+    lanes = []
+
+    @kz.event_route('kazoo:consumer-event-w')
+    def busy(payload, meta):
+        lanes.append((meta.routing_key, gevent.getcurrent().name))
+        gevent.sleep(0.002)   # busy: without a key the next message takes another worker
+
+    kz.subscribe(exchange, ['r.1', 'r.2', 'r.3'], exchange_type='topic', worker_key='From')
+    started(kz)
+    for n in range(30):
+        kz.publish(exchange, 'r.%d' % (n % 3 + 1), {'Event-Category': 'w', 'Event-Name': 'x'})
+    assert wait_for(lambda: len(lanes) == 30)
+    # No From: each routing key's messages on one worker, as the C module's
+    # consistent-worker-key falls back to the routing key.
+    by_key = {}
+    for key, worker in lanes:
+        by_key.setdefault(key, set()).add(worker)
+    assert all(len(workers) == 1 for workers in by_key.values()), by_key
+
+
+def test_runtime_wide_key_fields_as_amqp_consumer_event_key(runtimes):
+    exchange = unique('ckey')
+    kz = runtimes(RABBIT_URL, event_key='Type', event_subkey='Sub')
+    seen = []
+    kz.add_route('kazoo:consumer-event-presence-upd',
+                 lambda payload, meta: seen.append(payload['n']))
+    kz.add_route('kazoo:consumer-event-connection-open',
+                 lambda payload, meta: seen.append(payload['Type']))
+    kz.subscribe(exchange, 'k')
+    started(kz)
+    kz.publish(exchange, 'k', {'Type': 'presence', 'Sub': 'upd', 'n': 1})
+    assert wait_for(lambda: 1 in seen and 'connection' in seen)

@@ -125,6 +125,9 @@ def test_query_both_reply_styles(runtimes, responder, style, started):
     if started:
         kz.start()
     reply = kz.query(exchange, 'route.req', event('route', 'req', To='alice'))
+    # Stamped as the C module stamps $kzR: the zone it came through, when.
+    assert reply.pop('AMQP-Broker-Zone') == 'local'
+    assert isinstance(reply.pop('AMQP-Received'), int)
     assert reply == {'Answer': 'alice', 'Style': style, **(
         {'Msg-ID': r.requests[0][0]['Msg-ID']} if style == 'kazoo' else {})}
     request, props = r.requests[0]

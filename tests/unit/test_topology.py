@@ -79,3 +79,12 @@ def test_subscriptions_are_copied_to_the_links_they_are_consumed_on():
     assert {s.queue_name('n', s.index) for s in fed.copies} == {fed.queue_name('n', 1)}
     assert {s.tag for s in fed.copies} == {'kg-2'}
     assert [len(f.subscriber.subscriptions) for f in kz.zones['dc2'].feeds] == [1]
+
+
+def test_tls_options_reach_every_link_of_every_zone():
+    kz = Kazoo({'local': {'urls': [A, B], 'shape': 'standalone'}, 'dc2': [C]},
+               ssl={'ca_certs': '/etc/ssl/certs/ca-certificates.crt'})
+    links = [link for z in kz.zones.values() for link in z.links]
+    assert len(links) == 5
+    assert all(link.brokers.ssl['ca_certs'] == '/etc/ssl/certs/ca-certificates.crt'
+               for link in links)

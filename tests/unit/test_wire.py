@@ -226,3 +226,10 @@ def test_json_path_escape_stands_for_a_dot_inside_a_key():
     assert json_path(payload, 'a#b', escape='#') == 1
     assert json_path({'a%b': 3}, 'a%b', escape=None) == 3
     assert json_path({'a': None}, 'a', default='d') == 'd'   # null counts as missing
+
+
+def test_the_runtimes_key_fields_replace_the_defaults_without_the_fallback():
+    # amqp_consumer_event_key/_subkey: a missing value stays empty (no field-name fallback).
+    assert route_names({'Type': 'a'}, defaults=('Type', 'Sub')) == (
+        'kazoo:consumer-event-a-', 'kazoo:consumer-event-a', 'kazoo:consumer-event-type-sub',
+        'kazoo:consumer-event-type', 'kazoo:consumer-event')
