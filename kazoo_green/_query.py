@@ -338,7 +338,8 @@ class ReplyWaiter(object):
             link.lost(exc, gen)
         finally:
             self._pending.pop(msg_id, None)
-            self.answered(msg_id)
+            # Not remembered (``answered``): the lane is only taken without a background
+            # reader, where nothing runs unsolicited messages as events anyway.
         return self._outcome(waiting, exchange, routing_key, timeout, msg_id)
 
     def _outcome(self, result, exchange, routing_key, timeout, msg_id):

@@ -230,18 +230,46 @@ def stamp(payload, app_name, app_version, node):
     return payload
 
 
+_ASCII_LOWER = {c: c + 32 for c in range(ord('A'), ord('Z') + 1)}
+_ASCII_LOWER[ord('_')] = ord('-')
+
+
 def normalise_route(name):
-    """Route names are lower-case with ``_`` written as ``-``."""
-    return name.lower().replace('_', '-')
+    """Route names are lower-case with ``_`` written as ``-``: A-Z only, as the C
+    module's ``tolower`` (so U+212A KELVIN SIGN stays what it is)."""
+    return name.translate(_ASCII_LOWER)
+
+
+def _jsonc(value):
+    """``value`` as json-c writes it by default (``json_object_to_json_string``: spaced,
+    ``/`` escaped): the text the C module puts in a route name for an object or list."""
+    if isinstance(value, dict):
+        if not value:
+            return '{ }'
+        return '{ %s }' % ', '.join('%s: %s' % (_jsonc(str(k)), _jsonc(v))
+                                    for k, v in value.items())
+    if isinstance(value, list):
+        if not value:
+            return '[ ]'
+        return '[ %s ]' % ', '.join(_jsonc(v) for v in value)
+    if isinstance(value, str):
+        return simplejson.dumps(value, ensure_ascii=False).replace('/', '\\/')
+    if value is None:
+        return 'null'
+    return _text(value)
 
 
 def _text(value):
+    """A key field's value as the C module reads it (``json_object_get_string``): text up
+    to a NUL, numbers in decimal, objects and lists as json-c's text; None for null."""
     if isinstance(value, str):
-        return value
+        return value.split('\x00', 1)[0] if '\x00' in value else value
     if isinstance(value, bool):
         return 'true' if value else 'false'
     if isinstance(value, (int, float)):
         return str(value)
+    if isinstance(value, (dict, list)):
+        return _jsonc(value)
     return None
 
 
@@ -256,11 +284,12 @@ def route_names(payload, key=None, subkey=None, defaults=(D.EVENT_KEY, D.EVENT_S
 
     lower-cased, ``_`` written as ``-``. ``key``/``subkey`` are a subscription's own
     key fields (None: ``defaults``, the runtime's, ``Event-Category``/``Event-Name``
-    unless set: the C module's ``amqp_consumer_event_key``/``_subkey``). A key field that is missing,
-    null, empty or not a scalar gives an empty value (so ``{"Event-Category": "cat"}``
+    unless set: the C module's ``amqp_consumer_event_key``/``_subkey``). A key field
+    that is missing, null or empty gives an empty value (so ``{"Event-Category": "cat"}``
     runs ``kazoo:consumer-event-cat`` unless ``kazoo:consumer-event-cat-`` exists, and a
     payload without key fields runs step 3); for a subscription's own key field, the
-    empty value is replaced by the field's name, as in the C module. Never raises.
+    empty value is replaced by the field's name. An object or list gives json-c's text
+    of it, a string ends at a NUL: all as in the C module. Never raises.
 
     >>> route_names({'Event-Category': 'directory', 'Event-Name': 'reg_flush'})[0]
     'kazoo:consumer-event-directory-reg-flush'

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Install and start what the test suite needs and the machine does not provide:
-# Kamailio with app_python3, sipp (Debian packages), RabbitMQ on 127.0.0.1:5672
-# (started here only if it is not running).
-#   --bench  also the C modules bench/compare.py measures against
-#            (kamailio-kazoo-modules, kamailio-rabbitmq-modules)
+# Kamailio with app_python3 and the C kazoo module (tests/e2e/test_c_module_interop.py
+# runs it), sipp (Debian packages), RabbitMQ on 127.0.0.1:5672 (started here only if it
+# is not running).
+#   --bench  also the C rabbitmq module bench/compare.py measures against
+#            (kamailio-rabbitmq-modules)
 set -euo pipefail
 
 bench=
@@ -25,15 +26,15 @@ if [ ${#need[@]} -gt 0 ]; then
     echo "services.sh: installing ${need[*]}" >&2
     apt_install kamailio kamailio-python3-modules sip-tester
 fi
+mods=$(dirname "$(ls /usr/lib/*/kamailio/modules/tm.so | head -1)")
+mod_need=()
+[ -f "$mods/kazoo.so" ] || mod_need+=(kamailio-kazoo-modules)
 if [ -n "$bench" ]; then
-    mods=$(dirname "$(ls /usr/lib/*/kamailio/modules/tm.so | head -1)")
-    bench_need=()
-    [ -f "$mods/kazoo.so" ] || bench_need+=(kamailio-kazoo-modules)
-    [ -f "$mods/rabbitmq.so" ] || bench_need+=(kamailio-rabbitmq-modules)
-    if [ ${#bench_need[@]} -gt 0 ]; then
-        echo "services.sh: installing ${bench_need[*]}" >&2
-        apt_install "${bench_need[@]}"
-    fi
+    [ -f "$mods/rabbitmq.so" ] || mod_need+=(kamailio-rabbitmq-modules)
+fi
+if [ ${#mod_need[@]} -gt 0 ]; then
+    echo "services.sh: installing ${mod_need[*]}" >&2
+    apt_install "${mod_need[@]}"
 fi
 
 rabbit_up() { rabbitmqctl -q status >/dev/null 2>&1; }
