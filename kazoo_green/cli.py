@@ -1,128 +1,390 @@
-"""Command line: ``kazoo-green demo`` (and ``python -m kazoo_green``)."""
+"""``kazoo-green``: drive and inspect the bus from a shell (also ``python -m kazoo_green``).
+
+Exit status: 0 done; 1 the broker or the other side said no (timeout, unroutable,
+unknown exchange, refused); 2 bad usage or bad input (nothing was sent); 3 no broker
+reachable; 4 ``health``: a zone without any broker up.
+"""
 
 import argparse
+import json
 import logging
+import os
+import signal
 import sys
-from time import monotonic
 
 import kazoo_green
-from kazoo_green import Kazoo, KazooError, encode
+from kazoo_green import (
+    Kazoo, KazooError, NotConnected, PublishNacked, QueryTimeout, UnknownExchange, Unroutable,
+)
 
-__all__ = ['main', 'demo']
+from . import _defaults as D, _tls
+from ._failover import safe_url
+from ._link import Link
+from ._stats import Stats
+from ._topology import parse_topology
+from .wire import to_payload
+
+__all__ = ['main']
+
+OK, FAILED, USAGE, NO_BROKER, UNHEALTHY = 0, 1, 2, 3, 4
+
+EXAMPLES = """examples:
+  kazoo-green publish registrar registration.flush.example%%2Ecom \\
+      '{"Event-Category": "directory", "Event-Name": "reg_flush", "Username": "alice"}'
+  kazoo-green query callmgr route.req '{"Event-Category": "route", "Event-Name": "req",
+      "To": "bob"}' --timeout 2
+  kazoo-green listen presence 'dialog.*.*' 'update.#' --type topic --count 10
+  kazoo-green health --broker amqp://guest:guest@10.0.0.1:5672// \\
+      --broker 'zone=dc2;amqp://guest:guest@10.1.0.1:5672//'
+  kazoo-green demo
+
+Brokers: --broker (repeatable; 'zone=NAME;URL' entries as the C module's
+amqp_connection), else $KAZOO_GREEN_BROKERS, else %s. TLS: amqps:// URLs, --ssl, or
+$KAZOO_GREEN_AMQPS_CA_CERT/_CERT/_KEY/_VERIFY_PEER/_VERIFY_HOSTNAME.
+""" % D.BROKERS
 
 
-def _say(kind, text):
-    print('%-9s %s' % ('[%s]' % kind, text))
-    sys.stdout.flush()
+class _Fail(Exception):
+    def __init__(self, status, text):
+        super().__init__(text)
+        self.status = status
 
 
-def demo(broker='memory://', prefix='demo'):
-    """Publish, query an in-process responder, and fire event routes with both ack modes."""
-    import gevent
-    ex_callmgr, ex_presence, ex_registrar = (prefix + '-callmgr', prefix + '-presence',
-                                             prefix + '-registrar')
-    _say('demo', 'kazoo_green %s on %s' % (kazoo_green.__version__, broker))
+def _err(text):
+    sys.stderr.write('kazoo-green: %s\n' % text)
+    sys.stderr.flush()
 
-    # A responder, as another application would run it.
-    responder = Kazoo(broker, app_name='demo-responder', workers=2)
 
-    @responder.event_route('kazoo:consumer-event-route-req')
-    def route_req(request, meta):
-        user = request.get('To', '')
-        reply = {'Event-Category': 'route', 'Event-Name': 'resp'}
-        if not user.startswith('unknown'):
-            reply['Route'] = 'sip:%s@127.0.0.1:5090' % user
-        responder.respond(request, reply, meta)
+def _json_line(value):
+    return json.dumps(value, ensure_ascii=False, default=_jsonable, separators=(', ', ': '))
 
-    responder.subscribe(ex_callmgr, 'route.req', exchange_type='topic',
-                        queue=prefix + '-route-req')
-    responder.start()
 
-    # The application: event routes, chosen from the payload.
-    app = Kazoo(broker, app_name='demo-app', workers=4)
-    handled = []
+def _jsonable(value):
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value).decode('utf-8', 'replace')
+    return str(value)
 
-    @app.event_route('kazoo:consumer-event-connection-open')
-    def connection_open(payload, meta):
-        _say('event', '%s: %s link up to %s' % (meta.route, payload['Link'], payload['Host']))
 
-    @app.event_route('kazoo:consumer-event-presence-update')
-    def presence_update(payload, meta):
-        if payload.get('State') == 'broken':
-            handled.append(meta.route)
-            raise ValueError('this handler fails on purpose: late ack rejects the message')
-        _say('event', '%s (late ack): %s is %s' % (meta.route, payload['From'],
-                                                  payload['State']))
-        handled.append(meta.route)
+# -- options shared by the verbs ------------------------------------------------------------
 
-    @app.event_route('kazoo:consumer-event-directory')
-    def directory(payload, meta):
-        _say('event', '%s (early ack, category fallback for %s): %s@%s'
-             % (meta.route, payload['Event-Name'], payload['Username'], payload['Realm']))
-        handled.append(meta.route)
+def _connection_options(parser):
+    g = parser.add_argument_group('connection')
+    g.add_argument('--broker', action='append', metavar='URL',
+                   help="broker URL, repeatable; 'zone=NAME;URL' puts it in zone NAME "
+                        "(default: $KAZOO_GREEN_BROKERS, else %s)" % D.BROKERS)
+    g.add_argument('--zone', help='the primary zone (default: local, else the first)')
+    g.add_argument('--standalone', action='store_true',
+                   help="a zone's brokers are independent servers, not a cluster")
+    g.add_argument('--ssl', action='store_true', help='TLS for every broker')
+    g.add_argument('--ca-cert', help='CA certificates file (implies --ssl)')
+    g.add_argument('--cert', help='client certificate file (implies --ssl)')
+    g.add_argument('--key', help='client key file')
+    g.add_argument('--no-verify-peer', action='store_true', help="don't verify the broker")
+    g.add_argument('--no-verify-hostname', action='store_true',
+                   help="verify the certificate, not the host name")
+    g.add_argument('--connect-timeout', type=float, default=D.CONNECT_TIMEOUT,
+                   metavar='S', help='seconds per broker attempt (default %(default)s)')
+    g.add_argument('--app-name', default='kazoo-green-cli', help='App-Name stamped')
+    g.add_argument('-v', '--verbose', action='store_true', help='show the log on stderr')
 
-    app.subscribe(ex_presence, 'update.*.*', exchange_type='topic', ack='late',
-                  queue=prefix + '-presence-late')
-    app.subscribe(ex_registrar, 'registration.#', exchange_type='topic', ack='early',
-                  queue=prefix + '-registrar-early')
-    app.start()
-    if not (responder.wait_connected(10) and app.wait_connected(10)):
-        _say('error', 'could not connect to %s' % broker)
-        return 1
-    gevent.sleep(0.05)
 
-    realm, user = 'example.com', 'alice smith'
-    key = 'registration.success.%s.%s' % (encode(realm), encode(user))
-    msg_id = app.publish(ex_registrar, key, {
-        'Event-Category': 'directory', 'Event-Name': 'reg_success', 'Username': user,
-        'Realm': realm, 'Contact': '<sip:alice@127.0.0.1:5070>', 'Call-ID': 'demo-1'})
-    _say('publish', '%s %s Msg-ID %s' % (ex_registrar, key, msg_id))
+def _brokers(args):
+    if args.broker:
+        return args.broker
+    return os.environ.get('KAZOO_GREEN_BROKERS') or D.BROKERS
 
-    for to in ('alice', 'unknown-bob'):
-        started = monotonic()
-        reply = app.query(ex_callmgr, 'route.req', {
-            'Event-Category': 'route', 'Event-Name': 'req', 'To': to, 'From': 'carol',
-            'Call-ID': 'demo-%s' % to})
-        _say('query', 'route.req To=%s -> Route=%s (%.1f ms)'
-             % (to, reply.get('Route', '(none)'), (monotonic() - started) * 1000))
 
-    for who, state in (('alice', 'busy'), ('bob', 'idle'), ('carol', 'broken')):
-        app.publish(ex_presence, 'update.%s.example%%2Ecom' % who, {
-            'Event-Category': 'presence', 'Event-Name': 'update', 'From': who,
-            'State': state})
+def _ssl(args):
+    env = _tls.from_env()
+    if not (args.ssl or args.ca_cert or args.cert or args.key or args.no_verify_peer
+            or args.no_verify_hostname):
+        return env
+    opts = dict(env) if isinstance(env, dict) else {}
+    if args.ca_cert:
+        opts['ca_certs'] = args.ca_cert
+    if args.cert:
+        opts['certfile'] = args.cert
+    if args.key:
+        opts['keyfile'] = args.key
+    if args.no_verify_peer:
+        import ssl
+        opts['cert_reqs'] = ssl.CERT_NONE
+    if args.no_verify_hostname:
+        opts['check_hostname'] = False
+    return opts or True
+
+
+def _runtime(args, **kwargs):
     try:
-        app.publish('no-such-exchange', 'x', {'Event-Category': 'x', 'Event-Name': 'y'})
-    except KazooError as exc:
-        _say('error', 'expected: %s' % exc)
+        return Kazoo(_brokers(args), zone=args.zone, app_name=args.app_name,
+                     connect_timeout=args.connect_timeout, ssl=_ssl(args),
+                     shape='standalone' if args.standalone else 'cluster', **kwargs)
+    except (ValueError, TypeError) as exc:
+        raise _Fail(USAGE, str(exc)) from None
 
-    deadline = monotonic() + 5
-    while len(handled) < 4 and monotonic() < deadline:
-        gevent.sleep(0.01)
-    gevent.sleep(0.05)
-    app.stop()
-    responder.stop()
-    stats = app.stats()
-    _say('stats', ' '.join('%s=%s' % (k, stats[k]) for k in (
-        'published', 'queries_ok', 'consumed', 'acked', 'rejected', 'handler_errors',
-        'publish_errors')))
-    ok = len(handled) >= 4 and stats['queries_ok'] == 2 and stats['rejected'] == 1
-    _say('demo', 'done' if ok else 'FAILED')
-    return 0 if ok else 1
+
+def _payload(text):
+    """The JSON argument (``-``: standard input), checked before anything is sent."""
+    if text == '-':
+        text = sys.stdin.read()
+    try:
+        return to_payload(text)
+    except kazoo_green.InvalidPayload as exc:
+        raise _Fail(USAGE, 'bad JSON argument: %s' % exc) from None
+
+
+def _headers(pairs):
+    headers = {}
+    for pair in pairs or ():
+        key, sep, value = pair.partition('=')
+        if not sep or not key:
+            raise _Fail(USAGE, 'bad --header %r: expected KEY=VALUE' % pair)
+        headers[key] = value
+    return headers or None
+
+
+def _connect(kz, timeout):
+    try:
+        kz.connect(timeout)
+    except NotConnected as exc:
+        raise _Fail(NO_BROKER, 'no broker reachable: %s' % exc) from None
+
+
+def _failure(exc):
+    if isinstance(exc, NotConnected):    # ConnectionLost included
+        return _Fail(NO_BROKER, 'no broker: %s' % exc)
+    if isinstance(exc, QueryTimeout):
+        return _Fail(FAILED, 'timeout: %s' % exc)
+    if isinstance(exc, Unroutable):
+        return _Fail(FAILED, 'unroutable: %s' % exc)
+    if isinstance(exc, UnknownExchange):
+        return _Fail(FAILED, 'unknown exchange: %s' % exc)
+    if isinstance(exc, PublishNacked):
+        return _Fail(FAILED, 'refused by the broker: %s' % exc)
+    return _Fail(FAILED, '%s: %s' % (type(exc).__name__, exc))
+
+
+# -- verbs -------------------------------------------------------------------------------------
+
+def cmd_publish(args):
+    payload = _payload(args.json)
+    headers = _headers(args.header)
+    kz = _runtime(args)
+    try:
+        _connect(kz, args.timeout)
+        try:
+            msg_id = kz.publish(args.exchange, args.routing_key, payload, headers=headers,
+                                confirm=args.confirm, timeout=args.timeout,
+                                persistent=args.persistent)
+        except KazooError as exc:
+            raise _failure(exc) from None
+        if kz.stats()['buffer_size']:
+            raise _Fail(NO_BROKER, 'connection lost before the message was written')
+        print(msg_id)
+        return OK
+    finally:
+        kz.stop(timeout=1)
+
+
+def cmd_query(args):
+    payload = _payload(args.json)
+    headers = _headers(args.header)
+    kz = _runtime(args)
+    try:
+        _connect(kz, args.timeout)
+        try:
+            reply = kz.query(args.exchange, args.routing_key, payload, timeout=args.timeout,
+                             headers=headers)
+        except KazooError as exc:
+            raise _failure(exc) from None
+        print(_json_line(reply))
+        return OK
+    finally:
+        kz.stop(timeout=1)
+
+
+def cmd_listen(args):
+    import gevent
+    from gevent.event import Event
+    kz = _runtime(args, workers=1)
+    done = Event()
+    count = [0]
+
+    def show(payload, meta):
+        if meta.exchange is None:    # a connection event
+            if args.verbose:
+                _err('%s %s %s (zone %s)' % (payload.get('Link'), payload.get('Event-Name'),
+                                             payload.get('Host'), payload.get('zone')))
+            return
+        if done.is_set():
+            return
+        print(_json_line({'exchange': meta.exchange, 'routing_key': meta.routing_key,
+                          'zone': meta.zone, 'broker': meta.broker,
+                          'redelivered': meta.redelivered, 'headers': meta.headers,
+                          'body': payload}))
+        sys.stdout.flush()
+        count[0] += 1
+        if args.count and count[0] >= args.count:
+            done.set()
+
+    kz.add_route(D.ROUTE_PREFIX, show)
+    try:
+        sub = kz.subscribe(args.exchange, args.binding, exchange_type=args.type,
+                           federate=args.federate, ack='early', queue=args.queue,
+                           auto_delete=True if args.queue else None)
+    except ValueError as exc:
+        raise _Fail(USAGE, str(exc)) from None
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        gevent.signal_handler(sig, done.set)
+    kz.start()
+    try:
+        if not kz.wait_connected(args.connect_timeout * max(len(z.urls)
+                                                            for z in kz.zones.values())):
+            raise _Fail(NO_BROKER, 'no broker reachable: %s' % ', '.join(
+                '%s %s %s' % (link['zone'], link['role'], link['brokers'])
+                for link in kz.links() if not link['connected']))
+        # Told on stderr once every copy is consuming: from now on nothing is missed.
+        consuming = lambda: all(c.channel is not None for c in sub.copies)  # noqa: E731
+        _wait(lambda: consuming() or kz.stats()['setup_errors'], 10)
+        if not consuming():
+            raise _Fail(FAILED, 'the broker refused the subscription (see -v; no --type for '
+                                'an exchange that does not exist?): %r' % sub)
+        _err('listening on %s %s (queue %s%s)' % (args.exchange, ' '.join(args.binding),
+                                                 sub.queue_in_use,
+                                                 ', federated' if args.federate else ''))
+        done.wait()
+        return OK
+    finally:
+        kz.stop(timeout=1)
+
+
+def _wait(predicate, timeout):
+    import gevent
+    with gevent.Timeout(timeout, False):
+        while not predicate():
+            gevent.sleep(0.01)
+    return predicate()
+
+
+def cmd_health(args):
+    """Each broker of each zone, connected to on its own (TCP, TLS, AMQP)."""
+    try:
+        zones, primary = parse_topology(_brokers(args), args.zone)
+    except ValueError as exc:
+        raise _Fail(USAGE, str(exc)) from None
+    ssl = _ssl(args)
+    report = {}
+    import gevent
+    jobs = []
+    for name, spec in zones.items():
+        for url in spec.urls:
+            jobs.append((name, url, gevent.spawn(_probe_broker, url, ssl, args)))
+    gevent.joinall([job for _, _, job in jobs])
+    for name, url, job in jobs:
+        error = job.value
+        report.setdefault(name, []).append(error is None)
+        print('%-8s %-40s %s' % (name, safe_url(url), 'up' if error is None
+                                 else 'DOWN: %s' % error))
+    down = [name for name, states in report.items() if not any(states)]
+    if down:
+        _err('no broker up in zone %s' % ', '.join(down))
+        return UNHEALTHY
+    return OK
+
+
+def _probe_broker(url, ssl, args):
+    from time import monotonic
+    link = Link('health', [url], Stats(), connect_timeout=args.connect_timeout,
+                heartbeat=0, label=args.app_name, ssl=ssl, fast=False)
+    try:
+        link.connect(monotonic() + args.connect_timeout)
+        return None
+    except NotConnected as exc:
+        return str(exc.__cause__ or exc).replace('health link: ', '')
+    finally:
+        link.stop(timeout=1)
+
+
+def cmd_demo(args):
+    from ._demo import demo
+    return demo(args.broker_url)
+
+
+# -- entry point -----------------------------------------------------------------------------
+
+def _parser():
+    parser = argparse.ArgumentParser(prog='kazoo-green', description=__doc__,
+                                     epilog=EXAMPLES,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--version', action='version', version=kazoo_green.__version__)
+    sub = parser.add_subparsers(dest='command', required=True, metavar='VERB')
+
+    def verb(name, fn, help, example):
+        p = sub.add_parser(name, help=help, description=help, epilog='example:\n  ' + example,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        p.set_defaults(fn=fn)
+        return p
+
+    p = verb('publish', cmd_publish, 'publish one JSON payload; prints its Msg-ID',
+             "kazoo-green publish registrar registration.flush.example%2Ecom "
+             "'{\"Event-Category\": \"directory\", \"Event-Name\": \"reg_flush\"}' --confirm")
+    p.add_argument('exchange')
+    p.add_argument('routing_key')
+    p.add_argument('json', help="a JSON object ('-': read it from standard input)")
+    p.add_argument('--confirm', action='store_true', help='wait for the broker to confirm')
+    p.add_argument('--persistent', action='store_true', help='delivery mode 2')
+    p.add_argument('--header', action='append', metavar='K=V', help='AMQP header, repeatable')
+    p.add_argument('--timeout', type=float, default=D.CONFIRM_TIMEOUT, metavar='S',
+                   help='seconds for connecting and confirming (default %(default)s)')
+    _connection_options(p)
+
+    p = verb('query', cmd_query, 'publish a request, print the reply as JSON',
+             "kazoo-green query callmgr route.req "
+             "'{\"Event-Category\": \"route\", \"Event-Name\": \"req\", \"To\": \"bob\"}'")
+    p.add_argument('exchange')
+    p.add_argument('routing_key')
+    p.add_argument('json', help="a JSON object ('-': read it from standard input)")
+    p.add_argument('--timeout', type=float, default=D.QUERY_TIMEOUT, metavar='S',
+                   help='seconds to wait for the reply (default %(default)s)')
+    p.add_argument('--header', action='append', metavar='K=V', help='AMQP header, repeatable')
+    _connection_options(p)
+
+    p = verb('listen', cmd_listen, 'print each message bound as one JSON line '
+                                   '(exchange, routing key, zone, headers, body)',
+             "kazoo-green listen presence 'dialog.*.*' --type topic --count 5")
+    p.add_argument('exchange')
+    p.add_argument('binding', nargs='+', help='routing key(s) to bind')
+    p.add_argument('--type', default=None, metavar='TYPE',
+                   help='declare the exchange with this type (default: it must exist)')
+    p.add_argument('--count', type=int, default=0, metavar='N', help='stop after N messages')
+    p.add_argument('--federate', action='store_true', help='listen in every zone')
+    p.add_argument('--queue', help='queue name (default: a made-up, auto-delete one)')
+    _connection_options(p)
+
+    p = verb('health', cmd_health, 'connect to every broker of every zone; exit 4 when a '
+                                   'zone has none up, 0 otherwise',
+             "kazoo-green health --broker 'zone=dc2;amqp://guest:guest@10.1.0.1:5672//'")
+    _connection_options(p)
+
+    p = verb('demo', cmd_demo, 'run the demo (memory:// unless --broker)', 'kazoo-green demo')
+    p.add_argument('--broker', dest='broker_url', default='memory://',
+                   help='AMQP URL(s), ;-separated (default: memory://, no broker)')
+    p.add_argument('-v', '--verbose', action='store_true', help='show the log')
+    return parser
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog='kazoo-green', description=__doc__)
-    sub = parser.add_subparsers(dest='command', required=True)
-    p_demo = sub.add_parser('demo', help='run the demo (memory:// unless --broker)')
-    p_demo.add_argument('--broker', default='memory://',
-                        help='AMQP URL(s), ;-separated (default: memory://, no broker)')
-    p_demo.add_argument('-v', '--verbose', action='store_true', help='show the log')
+    parser = _parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.CRITICAL,
-                        format='%(levelname)s %(name)s: %(message)s')
-    if args.command == 'demo':
-        return demo(args.broker)
-    return 2
+                        format='%(levelname)s %(name)s: %(message)s', stream=sys.stderr)
+    try:
+        return args.fn(args)
+    except _Fail as exc:
+        _err(str(exc))
+        return exc.status
+    except KeyboardInterrupt:
+        return 130
 
 
 if __name__ == '__main__':

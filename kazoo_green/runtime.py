@@ -423,6 +423,16 @@ class Kazoo(object):
                 gevent.sleep(0.01)
         return all(link.connected for link in links)
 
+    def connect(self, timeout=None, zone=None):
+        """Connect the publishing link of ``zone`` (default: the primary one) now, so the
+        first publish or query does not pay for it; raises NotConnected when no broker
+        answered within ``timeout`` seconds (default: ``connect_timeout`` per broker).
+        In a started runtime this waits for its reader to connect."""
+        link = self._zone(zone).pub_link
+        if timeout is None:
+            timeout = link.connect_timeout * len(link.urls)
+        link.ensure(monotonic() + self._timeout(timeout, 0), wait=True)
+
     # -- introspection --------------------------------------------------
     @property
     def server_id(self):
