@@ -20,12 +20,16 @@ demo: venv
 
 # Everything: installs and starts what the tests need, then runs all of them at the
 # newest versions requirements*.txt allow, then the library-facing ones (unit,
-# integration) at the lowest (requirements-lowest.txt).
+# integration) at the lowest (requirements-lowest.txt); not the CLI's (subprocesses
+# of the same calls). The TLS and standalone nodes the first run boots are kept for the
+# second (KGC_KEEP_NODES=1), then stopped.
 test: venv venv-lowest
 	bash tests/tools/services.sh
-	$(PY) -m pytest tests $(PYTEST_ARGS)
+	KGC_KEEP_NODES=1 $(PY) -m pytest tests $(PYTEST_ARGS)
 	$(VENV_LOWEST)/bin/python tests/tools/check_pins.py requirements-lowest.txt
-	$(VENV_LOWEST)/bin/python -m pytest tests/unit tests/integration $(PYTEST_ARGS)
+	KGC_KEEP_NODES=1 $(VENV_LOWEST)/bin/python -m pytest tests/unit tests/integration \
+		--ignore=tests/integration/test_cli.py $(PYTEST_ARGS)
+	$(PY) -m tests.nodes down
 
 unit: venv
 	$(PY) -m pytest tests/unit $(PYTEST_ARGS)

@@ -955,6 +955,12 @@ class Cluster:
         return '\n'.join(lines)
 
 
+def keep_nodes():
+    """``KGC_KEEP_NODES=1``: session fixtures leave the nodes they used running (and
+    unlocked) for the next session to reuse; ``python -m tests.nodes down`` stops them."""
+    return os.environ.get('KGC_KEEP_NODES') == '1'
+
+
 # -- pytest fixtures ---------------------------------------------------------------------------
 
 _shared = None

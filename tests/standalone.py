@@ -17,7 +17,8 @@ Library use::
 
 pytest: ``from tests.standalone import standalone, running_standalone  # noqa: F401``.
 ``standalone`` is session-scoped (booted once); ``running_standalone`` brings back a node an
-earlier test killed. Environment: ``KGS_NAMES``/``KGS_PORTS`` (comma lists) for other names
+earlier test killed. They are stopped at the end of the session unless ``KGC_KEEP_NODES=1``
+(then the next session reuses them). Environment: ``KGS_NAMES``/``KGS_PORTS`` (comma lists) for other names
 and ports. Command line: ``python -m tests.standalone up|down|status``.
 """
 
@@ -32,7 +33,7 @@ try:
 except ImportError:   # the command line works without pytest
     pytest = None
 
-from tests.cluster import SERVER_WRAPPER, Cluster, _parallel
+from tests.cluster import SERVER_WRAPPER, Cluster, _parallel, keep_nodes
 
 __all__ = ['Standalone', 'standalone', 'running_standalone']
 
@@ -124,7 +125,10 @@ def shared_standalone():
 def _stop_shared():
     global _shared
     s, _shared = _shared, None
-    if s is not None:
+    if s is not None and keep_nodes():
+        for node in s.nodes:   # left running for the next session (see keep_nodes)
+            node.unlock()
+    elif s is not None:
         s.stop()
 
 

@@ -28,7 +28,8 @@ the AMQP protocol header, and yields a :class:`TLSBroker` with ``amqps_url``, ``
 ``wrong_client_key`` (paths), ``tls_port``, ``port``, ``tls_version`` and ``cipher`` (what the
 readiness probe negotiated) and ``node`` (the :class:`~tests.cluster.Cluster`, for ``ctl``).
 ``broker.ssl()`` builds kombu's ``ssl=`` dict.  The node is stopped (and its dir, certificates
-included, removed) at the end of the session.
+included, removed) at the end of the session, unless ``KGC_KEEP_NODES=1`` (``make test``
+keeps it for its second, lowest-version run, then runs ``python -m tests.nodes down``).
 
 A node left running by an interrupted session, or booted with ``python -m tests.tls up``, is
 reused when its rabbitmq.conf and certificate files are the ones this module writes and its TLS
@@ -60,7 +61,9 @@ try:
 except ImportError:  # the command line works without pytest
     pytest = None
 
-from tests.cluster import SERVER_WRAPPER, Cluster, ClusterError, _beams_under, _port_free
+from tests.cluster import (
+    SERVER_WRAPPER, Cluster, ClusterError, _beams_under, _port_free, keep_nodes,
+)
 
 __all__ = ['TLSBroker', 'TLSNode', 'start_tls_broker', 'tls_broker']
 
@@ -313,6 +316,9 @@ def shared_tls_broker():
 def _stop_shared():
     global _shared
     b, _shared = _shared, None
+    if b is not None and keep_nodes():
+        b.node.unlock()   # left running for the next session (make test's second run)
+        return
     if b is not None:
         b.node.stop()
         sys.stderr.write('\n[tests.tls] stopped %s in %.1f s\n'
