@@ -8,7 +8,8 @@ Answers on exchange ``callmgr`` (topic), routing key ``route.req``:
 
 Brokers come from ``KAZOO_GREEN_BROKERS`` (``;``-separated, ``zone=NAME;`` before a
 zone's URLs as in the C module's ``amqp_connection``; ``KAZOO_GREEN_ZONE`` names the primary
-one), default the local RabbitMQ; TLS options from ``KAZOO_GREEN_AMQPS_*`` (``kazoo_green.ssl_from_env``).
+one; ``KAZOO_GREEN_SHAPE=standalone`` for independent brokers), default the local
+RabbitMQ; TLS options from ``KAZOO_GREEN_AMQPS_*`` (``kazoo_green.ssl_from_env``).
 Stops on SIGTERM/SIGINT.
 
     python examples/responder.py
@@ -26,7 +27,8 @@ SLOW_SECONDS = 5.0
 
 kz = Kazoo(os.environ.get('KAZOO_GREEN_BROKERS', 'amqp://guest:guest@127.0.0.1:5672//'),
            app_name='responder', workers=16, ssl=kazoo_green.ssl_from_env(),
-           zone=os.environ.get('KAZOO_GREEN_ZONE') or None)
+           zone=os.environ.get('KAZOO_GREEN_ZONE') or None,
+           shape=os.environ.get('KAZOO_GREEN_SHAPE') or 'cluster')
 
 
 @kz.event_route('kazoo:consumer-event-route-req')

@@ -12,6 +12,8 @@
 
 Environment: KAZOO_GREEN_BROKERS (``;``-separated URLs, ``amqps://`` for TLS, ``zone=NAME;``
 before the URLs of zone NAME), KAZOO_GREEN_ZONE (the primary zone, default ``local``),
+KAZOO_GREEN_SHAPE (``standalone``: a zone's brokers are independent servers, consumed
+from all at once; default ``cluster``),
 KAZOO_GREEN_NODE (this instance's node name, unique per Kamailio instance),
 KAZOO_GREEN_AMQPS_CA_CERT / _CERT / _KEY / _VERIFY_PEER / _VERIFY_HOSTNAME (TLS options,
 as the C module's amqps_* parameters; see ``kazoo_green.ssl_from_env``), KAZOO_GREEN_VENV
@@ -45,7 +47,8 @@ kz = kemi.Kazoo(os.environ.get('KAZOO_GREEN_BROKERS', 'amqp://guest:guest@127.0.
                 app_name='kamailio', node=os.environ.get('KAZOO_GREEN_NODE') or None,
                 query_timeout=float(os.environ.get('KAZOO_GREEN_QUERY_TIMEOUT', '2.0')),
                 ssl=kazoo_green.ssl_from_env(),
-                zone=os.environ.get('KAZOO_GREEN_ZONE') or None)
+                zone=os.environ.get('KAZOO_GREEN_ZONE') or None,
+                shape=os.environ.get('KAZOO_GREEN_SHAPE') or 'cluster')
 
 
 @kz.event_route('kazoo:consumer-event-presence-update')
