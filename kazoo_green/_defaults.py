@@ -6,7 +6,7 @@ __all__ = [
     'RECONNECT_DELAY_MAX', 'SETUP_RETRY_MAX', 'STOP_TIMEOUT', 'TARGETED_EXCHANGE',
     'DIRECT_REPLY_TO', 'EVENT_KEY', 'EVENT_SUBKEY', 'ROUTE_PREFIX',
     'MEMORY_POLLING_INTERVAL', 'CONTENT_TYPE', 'CONFIRM_TIMEOUT', 'PROBE_GRACE',
-    'REPLY_QUEUE_WAIT', 'ZONE', 'ANSWERED_MEMORY',
+    'REPLY_QUEUE_WAIT', 'ZONE', 'ANSWERED_MEMORY', 'VIA_RETRY_MAX',
 ]
 
 #: Used when no broker list is given.
@@ -61,3 +61,6 @@ ZONE = 'local'
 #: second copy of a reply (standalone brokers) or a late one is not taken for an
 #: unsolicited message.
 ANSWERED_MEMORY = 4096
+#: Largest pause before a caller-driven query tries again to reach a standalone broker
+#: (of its zone) that refused its reply-only connection.
+VIA_RETRY_MAX = 5.0

@@ -7,12 +7,15 @@ from time import monotonic, time
 
 from amqp import spec
 
+import gevent
 from gevent.event import AsyncResult
 
 from . import _defaults as D, _logs
 from ._amqpfast import encode_request
 from ._deliver import Delivered, decode_properties
-from .errors import BadMessage, ConnectionLost, KazooError, QueryFailed, QueryTimeout, Unroutable
+from .errors import (
+    BadMessage, ConnectionLost, KazooError, NotConnected, QueryFailed, QueryTimeout, Unroutable,
+)
 from .wire import current_pid, dumps, loads_payload
 
 __all__ = ['ReplyWaiter', 'done_within']
@@ -73,6 +76,11 @@ class ReplyWaiter(object):
         #: ``fn(payload, message, link)`` for a good message on a reply queue that answers no
         #: query (the C module runs such messages as events); None: counted and dropped.
         self.on_unsolicited = None
+        #: Standalone brokers, caller-driven: one reply-only link per broker of the zone
+        #: (see ``_watch``), read while a query waits. Started runtimes have the zone's
+        #: consuming links for that (``listener``).
+        self.via_links = []
+        self._via_retry = {}   # via link -> (monotonic time of the next try, delay)
         self._answered = set()      # Msg-IDs answered or timed out lately ...
         self._answered_order = deque()   # ... oldest first, at most ANSWERED_MEMORY
         self.publisher = publisher
@@ -148,7 +156,7 @@ class ReplyWaiter(object):
 
         def listen(conn):
             count[0] += 1
-            queue = '%s-via-%d' % (self._name(current_pid(), 0), count[0])
+            queue = '%s-%s-%d' % (self._name(current_pid(), 0), link.name, count[0])
             channel = conn.channel()
             channel.exchange_declare(exchange=self.targeted_exchange, type='direct',
                                      durable=False, auto_delete=False)
@@ -277,6 +285,7 @@ class ReplyWaiter(object):
             props = {'correlation_id': msg_id}
             if self.use_reply_to:
                 props['reply_to'] = D.DIRECT_REPLY_TO
+            watchers = self._watch(result, deadline) if self.via_links else ()
             self.publisher.publish(exchange, routing_key, dumps(payload), headers, props,
                                    mandatory=mandatory and link.supports_amqp,
                                    deadline=deadline, buffer=False, ensured=True)
@@ -285,6 +294,34 @@ class ReplyWaiter(object):
         finally:
             self._pending.pop(msg_id, None)
             self.answered(msg_id)
+            if self.via_links:
+                gevent.killall(watchers, block=False)
+
+    def _watch(self, result, deadline):
+        """Caller-driven, standalone brokers: read every broker's reply-only link until
+        ``result`` is ready (a reply published on any broker of the zone comes back). A link
+        not connected yet connects in the background: a broker that is down costs the
+        query nothing, and the first query may miss a reply sent through a broker whose
+        reply queue was not bound yet."""
+        if self.link._reader is not None:
+            return ()   # started: the zone's consuming links listen on every broker
+        now = monotonic()
+        retry = self._via_retry
+        return [gevent.spawn(self._watch_link, via, result, deadline)
+                for via in self.via_links if via.connected or retry.get(via, (0, 0))[0] <= now]
+
+    def _watch_link(self, link, result, deadline):
+        if not link.connected:
+            try:
+                link.ensure(deadline)
+            except NotConnected:
+                # Down: not tried again (nor logged) by every query; back off, up to 5 s.
+                delay = min(max(self._via_retry.get(link, (0, 0))[1] * 2, D.RECONNECT_DELAY),
+                            D.VIA_RETRY_MAX)
+                self._via_retry[link] = (monotonic() + delay, delay)
+                return
+            self._via_retry.pop(link, None)
+        link.wait(result, deadline)
 
     def _ask(self, fast, exchange, routing_key, payload, timeout, headers, mandatory,
              deadline, msg_id):

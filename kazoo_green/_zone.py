@@ -47,11 +47,20 @@ class Zone(object):
         self.shape = spec.shape
         self.urls = list(spec.urls)
         standalone = spec.shape == 'standalone'
+        if standalone and len(self.urls) > 1:
+            # Replies may come through any broker: a caller-driven query reads them all
+            # while it waits (ReplyWaiter._watch), which the blocking lane cannot.
+            link_args = dict(link_args, blocking=False)
         self.pub_link = Link('publish', self.urls, stats, zone=self.name, **link_args)
         self.publisher = Publisher(self.pub_link, stats, publish_buffer)
         self.replies = ReplyWaiter(self.pub_link, self.publisher, stats, node,
                                    direct_reply_to=direct_reply_to,
                                    shared_key=standalone and len(self.urls) > 1)
+        if standalone and len(self.urls) > 1:
+            for url in self.urls:
+                via = Link('replies', [url], stats, zone=self.name, **link_args)
+                via.add_up_hook(self.replies.listener(via))
+                self.replies.via_links.append(via)
         groups = [[url] for url in self.urls] if standalone else [self.urls]
         self.feeds = []
         for urls in groups:
@@ -66,6 +75,8 @@ class Zone(object):
 
     @property
     def links(self):
+        """The publishing and consuming links (not the reply-only ones of standalone
+        brokers, which only a caller-driven query uses)."""
         return [self.pub_link] + [feed.link for feed in self.feeds]
 
     def consume_links(self):

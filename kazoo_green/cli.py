@@ -238,17 +238,19 @@ def cmd_listen(args):
         gevent.signal_handler(sig, done.set)
     kz.start()
     try:
-        if not kz.wait_connected(args.connect_timeout * max(len(z.urls)
-                                                            for z in kz.zones.values())):
+        # Told on stderr once every copy is consuming (the primary zone's, or every zone's
+        # with --federate): from then on nothing is missed.
+        consuming = lambda: all(c.channel is not None for c in sub.copies)  # noqa: E731
+        brokers = max(len(z.urls) for z in kz.zones.values())
+        _wait(lambda: consuming() or kz.stats()['setup_errors'],
+              args.connect_timeout * brokers + 5)
+        if not consuming():
+            if kz.stats()['setup_errors']:
+                raise _Fail(FAILED, 'the broker refused the subscription (see -v; no --type '
+                                    'for an exchange that does not exist?): %r' % sub)
             raise _Fail(NO_BROKER, 'no broker reachable: %s' % ', '.join(
                 '%s %s %s' % (link['zone'], link['role'], link['brokers'])
-                for link in kz.links() if not link['connected']))
-        # Told on stderr once every copy is consuming: from now on nothing is missed.
-        consuming = lambda: all(c.channel is not None for c in sub.copies)  # noqa: E731
-        _wait(lambda: consuming() or kz.stats()['setup_errors'], 10)
-        if not consuming():
-            raise _Fail(FAILED, 'the broker refused the subscription (see -v; no --type for '
-                                'an exchange that does not exist?): %r' % sub)
+                for link in kz.links() if link['role'] == 'consume' and not link['connected']))
         _err('listening on %s %s (queue %s%s)' % (args.exchange, ' '.join(args.binding),
                                                  sub.queue_in_use,
                                                  ', federated' if args.federate else ''))

@@ -15,7 +15,7 @@ from ._stats import Stats
 from ._topology import parse_topology
 from ._zone import Zone
 from ._version import __version__
-from .errors import KazooError
+from .errors import KazooError, NotConnected
 from .wire import dumps, hostname, route_names, stamp, to_payload
 
 __all__ = ['Kazoo']
@@ -46,6 +46,12 @@ class Kazoo(object):
     verified) or a dict of options (``ca_certs``, ``certfile``, ``keyfile``,
     ``cert_reqs``, ``server_hostname``, ``check_hostname``, ``ciphers``, ...);
     ``amqps://`` URLs use TLS with these options (or the defaults) anyway.
+
+    ``brokers`` may name zones (``{'local': [urls], 'dc2': [urls]}``, or the C module's
+    ``zone=NAME;url`` entries) and ``zone`` the primary one; ``shape='standalone'`` for
+    zones of independent brokers (see README, "Zones"). Publishes and queries go to the
+    primary zone unless they name another; ``subscribe(..., federate=True)`` consumes
+    in every zone.
 
     ``fast=False`` leaves every frame to py-amqp (no private hooks of py-amqp are
     used then; see ``_pyamqp``): slower, for a py-amqp release outside the range
@@ -383,7 +389,8 @@ class Kazoo(object):
         """
         if not self._started:
             for z in self.zones.values():
-                z.pub_link.stop()
+                for link in [z.pub_link] + z.replies.via_links:
+                    link.stop()
             return
         for z in self.zones.values():
             for feed in z.feeds:
@@ -393,9 +400,8 @@ class Kazoo(object):
                         'redelivered', timeout)
         self.dispatcher.stop()
         for z in self.zones.values():
-            for feed in z.feeds:
-                feed.link.stop()
-            z.pub_link.stop()
+            for link in [feed.link for feed in z.feeds] + [z.pub_link] + z.replies.via_links:
+                link.stop()
         self._started = False
         self._stopped.set()
 
@@ -428,10 +434,20 @@ class Kazoo(object):
         first publish or query does not pay for it; raises NotConnected when no broker
         answered within ``timeout`` seconds (default: ``connect_timeout`` per broker).
         In a started runtime this waits for its reader to connect."""
-        link = self._zone(zone).pub_link
+        z = self._zone(zone)
+        link = z.pub_link
         if timeout is None:
             timeout = link.connect_timeout * len(link.urls)
-        link.ensure(monotonic() + self._timeout(timeout, 0), wait=True)
+        deadline = monotonic() + self._timeout(timeout, 0)
+        link.ensure(deadline, wait=True)
+        if link._reader is None:
+            # Standalone brokers: the reply-only links too, so that the first query's
+            # reply may come through any broker (one that is down is no error here).
+            for via in z.replies.via_links:
+                try:
+                    via.ensure(deadline)
+                except NotConnected:
+                    pass
 
     # -- introspection --------------------------------------------------
     @property

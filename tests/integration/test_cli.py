@@ -173,3 +173,23 @@ def test_health_reports_every_broker_and_fails_when_a_zone_has_none():
     r = cli('health', '--broker', RABBIT_URL, '--broker', DEAD_URL, '--connect-timeout', '0.5')
     assert r.returncode == 0, r.stdout + r.stderr   # the zone has one broker up
     assert [line.split()[2] for line in r.stdout.splitlines()] == ['up', 'DOWN:']
+
+
+def test_listen_needs_only_the_zones_it_listens_in(runtimes):
+    exchange = unique('clilz')
+    sender = runtimes(RABBIT_URL)
+    proc = listener(exchange, 'k', '--type', 'direct', '--count', '1', '--broker', RABBIT_URL,
+                    '--broker', 'zone=dc2;' + DEAD_URL, '--connect-timeout', '0.5')
+    try:
+        sender.publish(exchange, 'k', event('cli', 'one'))
+        out, err = proc.communicate(timeout=20)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err
+    assert json.loads(out)['body']['Event-Name'] == 'one'
+
+
+def test_listen_without_a_broker_is_status_3():
+    r = cli('listen', 'x', 'k', '--connect-timeout', '0.5', brokers=DEAD_URL)
+    assert r.returncode == 3 and r.stderr.startswith('kazoo-green: no broker reachable'), \
+        r.stderr

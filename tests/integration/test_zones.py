@@ -164,7 +164,8 @@ def test_an_event_published_on_either_standalone_broker_is_consumed_once(runtime
     assert {m.broker for _, m in seen} == {'127.0.0.1:%d' % nodes.port(i) for i in (1, 2)}
 
 
-def test_a_query_reply_may_come_through_the_other_standalone_broker(runtimes, nodes):
+@pytest.mark.parametrize('mode', ['started', 'caller-driven', 'caller-driven-blocking'])
+def test_a_query_reply_may_come_through_the_other_standalone_broker(runtimes, nodes, mode):
     exchange = unique('zsaq')
     # Consumes requests on node 1, but publishes (replies) through node 2, as a Kazoo
     # application holding connections to both brokers may.
@@ -180,12 +181,18 @@ def test_a_query_reply_may_come_through_the_other_standalone_broker(runtimes, no
     consumer.subscribe(exchange, 'route.req')
     started(consumer)
     replier.publish('targeted', 'nobody', {'Event-Category': 'x', 'Event-Name': 'y'})
-    kz = runtimes(**one_standalone_zone(nodes))
-    kz.subscribe(unique('zsaq-other'), 'x')   # any subscription: consuming links run
-    started(kz)
+    kz = runtimes(**one_standalone_zone(nodes, blocking=mode.endswith('blocking')))
+    if mode == 'started':
+        kz.subscribe(unique('zsaq-other'), 'x')   # any subscription: consuming links run
+        started(kz)
+    else:
+        # A SIP worker: nothing started; connect() (child_init) binds the reply queues of
+        # every broker, a query reads them all while it waits.
+        kz.connect()
     assert kz._pub_link.host.endswith(':%d' % nodes.port(1))   # publishes to the first open
-    reply = kz.query(exchange, 'route.req', event('route', 'req'), timeout=5)
-    assert reply['Via'] == 'node2'
+    for n in range(3):
+        reply = kz.query(exchange, 'route.req', event('route', 'req', N=n), timeout=5)
+        assert reply['Via'] == 'node2'
     assert kz.stats()['replies_unmatched'] == 0
 
 
