@@ -17,6 +17,8 @@ setup(
     packages=find_packages(include=['kazoo_green', 'kazoo_green.*']),
     python_requires='>=3.9',
     install_requires=requires,
+    # Optional: kazoo_green.metrics (a Prometheus endpoint for processes outside Kamailio).
+    extras_require={'prometheus': ['prometheus_client>=0.16,<1']},
     entry_points={'console_scripts': ['kazoo-green = kazoo_green.cli:main']},
     classifiers=[
         'Programming Language :: Python :: 3',

@@ -418,6 +418,9 @@ class Link(object):
         self.generation += 1
         if failure:
             self.stats.connection_errors += 1
+            reasons = self.stats.lost_reasons
+            reason = type(exc).__name__ if exc is not None else 'closed'
+            reasons[reason] = reasons.get(reason, 0) + 1
             log.warning('%s link: lost connection to %s: %s', self.name, self.host,
                         exc or 'closed')
             self._drop()
