@@ -285,11 +285,17 @@ class ReplyWaiter(object):
             props = {'correlation_id': msg_id}
             if self.use_reply_to:
                 props['reply_to'] = D.DIRECT_REPLY_TO
-            watchers = self._watch(result, deadline) if self.via_links else ()
+            watchers = self._watch(result, deadline) if self.via_links else []
             self.publisher.publish(exchange, routing_key, dumps(payload), headers, props,
                                    mandatory=mandatory and link.supports_amqp,
                                    deadline=deadline, buffer=False, ensured=True)
-            link.wait(result, deadline)
+            if watchers:
+                # Every link read in a greenlet of its own: a reply through any of them
+                # ends the wait at once (the killall below stops the others' reads).
+                watchers.append(gevent.spawn(link.wait, result, deadline))
+                result.wait(max(0.0, deadline - monotonic()))
+            else:
+                link.wait(result, deadline)
             return self._outcome(result, exchange, routing_key, timeout, msg_id)
         finally:
             self._pending.pop(msg_id, None)
@@ -304,7 +310,7 @@ class ReplyWaiter(object):
         query nothing, and the first query may miss a reply sent through a broker whose
         reply queue was not bound yet."""
         if self.link._reader is not None:
-            return ()   # started: the zone's consuming links listen on every broker
+            return []   # started: the zone's consuming links listen on every broker
         now = monotonic()
         retry = self._via_retry
         return [gevent.spawn(self._watch_link, via, result, deadline)
