@@ -60,7 +60,7 @@ def test_federated_subscription_consumes_every_zone_and_plain_only_the_primary(r
     fed = collect(kz, 'kazoo:consumer-event-fed')
     local = collect(kz, 'kazoo:consumer-event-plain')
     kz.subscribe(exchange, 'fed', federate=True)
-    kz.subscribe(exchange, 'plain')
+    plain = kz.subscribe(exchange, 'plain')
     started(kz)
     for zone in ('local', 'dc2'):
         kz.publish(exchange, 'fed', event('fed', 'x', From=zone), zone=zone)
@@ -70,8 +70,11 @@ def test_federated_subscription_consumes_every_zone_and_plain_only_the_primary(r
     assert sorted((p['From'], m.zone, p['AMQP-Broker-Zone']) for p, m in fed) == [
         ('dc2', 'dc2', 'dc2'), ('local', 'local', 'local')]
     assert all(isinstance(p['AMQP-Received'], int) for p, _ in fed)
-    # Not federated: the primary zone only; the message in dc2 waits in nobody's queue.
-    gevent.sleep(0.3)
+    # Not federated: consumed in the primary zone only; in dc2 no queue is bound for it
+    # (the broker drops the message published there).
+    queue = plain.queue_in_use
+    assert [c.zone for c in plain.copies] == ['local']
+    assert queue in nodes.queues(1) and queue not in nodes.queues(2)
     assert [(p['From'], m.zone) for p, m in local] == [('local', 'local')]
     assert {m.broker for _, m in fed} == {'127.0.0.1:%d' % nodes.port(1),
                                           '127.0.0.1:%d' % nodes.port(2)}
@@ -149,17 +152,25 @@ def test_an_event_published_on_either_standalone_broker_is_consumed_once(runtime
     exchange = unique('zsa')
     kz = runtimes(**one_standalone_zone(nodes))
     seen = collect(kz, 'kazoo:consumer-event-sa')
-    kz.subscribe(exchange, 'sa', exchange_type='topic')
+    sub = kz.subscribe(exchange, 'sa', exchange_type='topic')
     started(kz)
     assert len(kz.zones['local'].feeds) == 2
     for i in (1, 2):
         sender = runtimes(nodes.url(i))
         for n in range(5):
             sender.publish(exchange, 'sa', event('sa', 'x', N='%d-%d' % (i, n)))
-    assert wait_for(lambda: len(seen) >= 10, 10), len(seen)
-    gevent.sleep(0.3)   # a second copy would come now
+        sender.publish(exchange, 'sa', event('sa', 'x', N='%d-last' % i))
+    # Each broker's messages come in order through its one queue: once both last ones are
+    # in, so is any copy of the others. One queue per broker, and it is empty.
+    assert wait_for(lambda: {'1-last', '2-last'} <= {p['N'] for p, _ in seen}, 10), len(seen)
+    queue = sub.queue_in_use
+    assert {c.queue_in_use for c in sub.copies} == {queue}
+    for i in (1, 2):
+        assert wait_for(lambda: nodes.queues(i).get(queue) == (0, 0), 10), nodes.queues(i)
+        assert [q for q in nodes.queues(i) if q.startswith(queue.rsplit('-', 1)[0])] == [queue]
     counts = Counter(p['N'] for p, _ in seen)
-    assert sorted(counts) == sorted('%d-%d' % (i, n) for i in (1, 2) for n in range(5))
+    assert sorted(counts) == sorted('%d-%s' % (i, n) for i in (1, 2)
+                                    for n in list(range(5)) + ['last'])
     assert set(counts.values()) == {1}
     assert {m.broker for _, m in seen} == {'127.0.0.1:%d' % nodes.port(i) for i in (1, 2)}
 
