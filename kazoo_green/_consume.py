@@ -3,7 +3,7 @@
 import copy
 import logging
 import os
-from time import monotonic, time
+from time import monotonic
 
 import gevent
 from amqp import spec
@@ -11,7 +11,7 @@ from amqp import spec
 from . import _defaults as D, _logs
 from ._dispatch import Delivery
 from .errors import BadMessage, KazooError, NotConnected
-from .wire import loads_payload, route_names
+from .wire import loads_payload, route_names, stamp_received
 
 __all__ = ['Subscription', 'Subscriber', 'ACK_MODES']
 
@@ -331,9 +331,7 @@ class Subscriber(object):
             if bad:
                 raise BadMessage(bad)
             payload = loads_payload(raw.body)
-            # As the C module: the zone that received it, and when (epoch seconds).
-            payload['AMQP-Broker-Zone'] = self.link.zone
-            payload['AMQP-Received'] = int(time())
+            stamp_received(payload, self.link.zone)
             names = route_names(payload, sub.event_key, sub.event_subkey, self.event_keys)
             key = None
             if sub.worker_key:

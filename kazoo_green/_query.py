@@ -3,7 +3,7 @@
 import logging
 import socket
 from collections import deque
-from time import monotonic, time
+from time import monotonic
 
 from amqp import spec
 
@@ -16,7 +16,7 @@ from ._deliver import Delivered, decode_properties
 from .errors import (
     BadMessage, ConnectionLost, KazooError, NotConnected, QueryFailed, QueryTimeout, Unroutable,
 )
-from .wire import current_pid, dumps, loads_payload
+from .wire import current_pid, dumps, loads_payload, stamp_received
 
 __all__ = ['ReplyWaiter', 'done_within']
 
@@ -236,9 +236,7 @@ class ReplyWaiter(object):
             self.stats.replies_unmatched += 1
             log.debug('reply matches no waiting query (Msg-ID=%s)', _logs.short(msg_id))
             return
-        payload['AMQP-Broker-Zone'] = self.link.zone   # stamped as consumed messages are
-        payload['AMQP-Received'] = int(time())
-        result.set(payload)
+        result.set(stamp_received(payload, self.link.zone))   # as consumed messages are
 
     def answered(self, msg_id):
         """Remember ``msg_id`` (answered or timed out): a copy or a late reply of it is
@@ -362,9 +360,7 @@ class ReplyWaiter(object):
                     reply = None
                 if reply is not None and reply.get('Msg-ID') == msg_id:
                     self.stats.queries_ok += 1
-                    reply['AMQP-Broker-Zone'] = link.zone
-                    reply['AMQP-Received'] = int(time())
-                    return reply
+                    return stamp_received(reply, link.zone)
                 # Not this query's, or not JSON: as the consumer callback would.
                 properties, bad = decode_properties(header, 12, len(header))
                 self._on_reply(Delivered(body, properties, None, method, bad))

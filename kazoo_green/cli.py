@@ -166,41 +166,38 @@ def _failure(exc):
 
 # -- verbs -------------------------------------------------------------------------------------
 
-def cmd_publish(args):
+def _send(args, call):
+    """The shared part of publish and query: check the JSON and headers, connect, then
+    ``call(kz, payload, headers)``; its result is printed (KazooError: a _Fail)."""
     payload = _payload(args.json)
     headers = _headers(args.header)
     kz = _runtime(args)
     try:
         _connect(kz, args.timeout)
         try:
-            msg_id = kz.publish(args.exchange, args.routing_key, payload, headers=headers,
-                                confirm=args.confirm, timeout=args.timeout,
-                                persistent=args.persistent)
+            out = call(kz, payload, headers)
         except KazooError as exc:
             raise _failure(exc) from None
-        if kz.stats()['buffer_size']:
-            raise _Fail(NO_BROKER, 'connection lost before the message was written')
-        print(msg_id)
+        print(out)
         return OK
     finally:
         kz.stop(timeout=1)
+
+
+def cmd_publish(args):
+    def publish(kz, payload, headers):
+        msg_id = kz.publish(args.exchange, args.routing_key, payload, headers=headers,
+                            confirm=args.confirm, timeout=args.timeout,
+                            persistent=args.persistent)
+        if kz.stats()['buffer_size']:
+            raise _Fail(NO_BROKER, 'connection lost before the message was written')
+        return msg_id
+    return _send(args, publish)
 
 
 def cmd_query(args):
-    payload = _payload(args.json)
-    headers = _headers(args.header)
-    kz = _runtime(args)
-    try:
-        _connect(kz, args.timeout)
-        try:
-            reply = kz.query(args.exchange, args.routing_key, payload, timeout=args.timeout,
-                             headers=headers)
-        except KazooError as exc:
-            raise _failure(exc) from None
-        print(_json_line(reply))
-        return OK
-    finally:
-        kz.stop(timeout=1)
+    return _send(args, lambda kz, payload, headers: _json_line(kz.query(
+        args.exchange, args.routing_key, payload, timeout=args.timeout, headers=headers)))
 
 
 def cmd_listen(args):

@@ -44,7 +44,6 @@ whichever consumer process gets it.
 import logging
 import os
 import re
-import time
 from collections import deque
 from time import monotonic
 
@@ -54,7 +53,7 @@ import gevent.local
 from . import _defaults as D, _logs, runtime
 from ._query import done_within
 from .errors import BadMessage, KazooError
-from .wire import dumps, loads_payload, new_msg_id
+from .wire import dumps, loads_payload, new_msg_id, stamp_received
 
 __all__ = ['Kazoo', 'Handler', 'KSRLogHandler', 'use_kamailio_log']
 
@@ -257,8 +256,7 @@ class Kazoo(runtime.Kazoo):
             _logs.bad_input.warning('bad message on %s (%d bytes): %s', self.async_queue,
                                     len(message.body or b''), exc)
             return
-        payload['AMQP-Broker-Zone'] = self.zone   # as consumed messages and sync replies
-        payload['AMQP-Received'] = int(time.time())
+        stamp_received(payload, self.zone)   # as consumed messages and sync replies
         notice = payload.get('kg-async')
         if notice is not None:
             if isinstance(notice, str):

@@ -3,7 +3,7 @@
 import logging
 import signal
 from collections import OrderedDict
-from time import monotonic, time
+from time import monotonic
 
 import gevent
 from gevent.event import Event
@@ -16,7 +16,7 @@ from ._topology import parse_topology
 from ._zone import Zone
 from ._version import __version__
 from .errors import KazooError, NotConnected
-from .wire import dumps, hostname, route_names, stamp, to_payload
+from .wire import dumps, hostname, route_names, stamp, stamp_received, to_payload
 
 __all__ = ['Kazoo']
 
@@ -277,15 +277,14 @@ class Kazoo(object):
                            exchange_bindings=exchange_bindings, federate=federate)
         sub.index = len(self._subscriptions)
         zones = list(self.zones.values()) if federate else [self.zones[self.zone]]
-        copies = [sub.copy_for(z.name) for z in zones for _ in z.feeds]
+        targets = [(feed, sub.copy_for(z.name)) for z in zones for feed in z.feeds]
+        copies = [twin for _, twin in targets]
         added = []
         try:
-            for z in zones:
-                for feed in z.feeds:
-                    twin = copies[len(added)]
-                    twin.copies = copies
-                    feed.subscriber.add(twin)
-                    added.append((feed, twin))
+            for feed, twin in targets:
+                twin.copies = copies
+                feed.subscriber.add(twin)
+                added.append((feed, twin))
         except KazooError:
             for feed, twin in added:
                 feed.subscriber.remove(twin)
@@ -338,8 +337,7 @@ class Kazoo(object):
             return False
         self._stats.unsolicited += 1
         zone = link.zone
-        payload['AMQP-Broker-Zone'] = zone
-        payload['AMQP-Received'] = int(time())
+        stamp_received(payload, zone)
         try:
             info = message.delivery_info
         except Exception:

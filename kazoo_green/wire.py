@@ -2,6 +2,7 @@
 
 import os
 import random
+from time import time
 
 import orjson
 import simplejson
@@ -11,7 +12,7 @@ from .errors import BadMessage, InvalidPayload
 
 __all__ = [
     'encode', 'json_path', 'dumps', 'loads_payload', 'to_payload', 'stamp',
-    'route_names', 'normalise_route', 'current_pid',
+    'route_names', 'normalise_route', 'current_pid', 'stamp_received',
 ]
 
 _KEEP = frozenset(b'abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-~_')
@@ -232,6 +233,14 @@ def stamp(payload, app_name, app_version, node):
 
 _ASCII_LOWER = {c: c + 32 for c in range(ord('A'), ord('Z') + 1)}
 _ASCII_LOWER[ord('_')] = ord('-')
+
+
+def stamp_received(payload, zone):
+    """Stamp a consumed payload (a delivery, a reply) as the C module does: the zone of the
+    connection that received it, and when (epoch seconds, an integer)."""
+    payload['AMQP-Broker-Zone'] = zone
+    payload['AMQP-Received'] = int(time())
+    return payload
 
 
 def normalise_route(name):

@@ -4,6 +4,7 @@ Used by the end-to-end tests and by bench/compare.py. Everything listens on
 127.0.0.1 only.
 """
 
+import contextlib
 import os
 import re
 import signal
@@ -37,7 +38,7 @@ def rabbit_queues():
 
 
 def node_queues(node, i=1):
-    """A ``queues`` function for node ``i`` of a tests.cluster.Cluster (or the TLS node)."""
+    """A ``queues`` function for node ``i`` of a tests.cluster.Cluster (or the TLS node, or tests.standalone.Standalone)."""
     return lambda: parse_queues(node.ctl(i, 'list_queues', 'name', 'consumers', 'messages'))
 
 
@@ -88,6 +89,21 @@ class Responder(object):
             except subprocess.TimeoutExpired:
                 self.kill()
         self.proc = None
+
+
+@contextlib.contextmanager
+def example(logdir, node, env=None, queues=rabbit_queues):
+    """The example responder and the example Kamailio (``node``), started in that order
+    with ``env`` and stopped at the end; yields the Kamailio."""
+    responder = Responder(os.path.join(str(logdir), 'responder.log'), env=env, queues=queues)
+    responder.start()
+    k = Kamailio(os.path.join(str(logdir), 'kamailio.log'), node=node, env=env, queues=queues)
+    try:
+        k.start()
+        yield k
+    finally:
+        k.stop()
+        responder.stop()
 
 
 class Kamailio(object):

@@ -191,13 +191,6 @@ C_CONSUMED = [
 
 
 @pytest.fixture(scope='module')
-def logdir(tmp_path_factory):
-    path = tmp_path_factory.mktemp('c-module-logs')
-    yield path
-    print('\nC module interop logs in %s' % path)
-
-
-@pytest.fixture(scope='module')
 def ckazoo(logdir):
     # Not a skip: this is the proof of parity. tests/tools/services.sh installs them.
     assert not MISSING, 'missing %s: run tests/tools/services.sh' % ', '.join(MISSING)

@@ -21,13 +21,6 @@ QUERY_TIMEOUT = 2.0
 
 
 @pytest.fixture(scope='module')
-def logdir(tmp_path_factory):
-    path = tmp_path_factory.mktemp('e2e-logs')
-    yield path
-    print('\ne2e logs in %s' % path)
-
-
-@pytest.fixture(scope='module')
 def responder(logdir):
     # Not a skip: these tests are the proof the example works. `make test` installs them.
     assert not MISSING, 'missing %s: run tests/tools/services.sh' % ', '.join(MISSING)

@@ -28,26 +28,17 @@ def nodes(standalone):  # noqa: F811
 
 
 @pytest.fixture(scope='module')
-def kamailio(tmp_path_factory, nodes):
+def kamailio(logdir, nodes):
     assert not MISSING, 'missing %s: run tests/tools/services.sh' % ', '.join(MISSING)
-    logdir = tmp_path_factory.mktemp('e2e-standalone-logs')
     env = {'KAZOO_GREEN_BROKERS': ';'.join(nodes.urls), 'KAZOO_GREEN_SHAPE': 'standalone'}
     # Queues are declared on every broker: readiness is seen on either (here node 2,
     # the one publishes do not go to).
-    queues = lambda: harness.parse_queues(nodes.ctl(  # noqa: E731
-        2, 'list_queues', 'name', 'consumers', 'messages'))
-    responder = harness.Responder(str(logdir / 'responder.log'), env=env, queues=queues)
-    responder.start()
-    k = harness.Kamailio(str(logdir / 'kamailio.log'),
-                         node='kamailio@kgtest-%s' % unique('sa'), env=env, queues=queues)
     try:
-        k.start()
-        yield k
+        with harness.example(logdir, 'kamailio@kgtest-%s' % unique('sa'), env=env,
+                             queues=harness.node_queues(nodes, 2)) as k:
+            yield k
     finally:
-        k.stop()
-        responder.stop()
         nodes.ensure_all_running()
-        print('\ne2e standalone logs in %s' % logdir)
 
 
 @pytest.fixture(autouse=True)

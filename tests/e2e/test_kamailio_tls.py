@@ -27,21 +27,11 @@ def tls_env(tls_broker):  # noqa: F811
 
 
 @pytest.fixture(scope='module')
-def kamailio(tmp_path_factory, tls_broker, tls_env):  # noqa: F811
+def kamailio(logdir, tls_broker, tls_env):  # noqa: F811
     assert not MISSING, 'missing %s: run tests/tools/services.sh' % ', '.join(MISSING)
-    logdir = tmp_path_factory.mktemp('e2e-tls-logs')
-    queues = harness.node_queues(tls_broker.node)
-    responder = harness.Responder(str(logdir / 'responder.log'), env=tls_env, queues=queues)
-    responder.start()
-    k = harness.Kamailio(str(logdir / 'kamailio.log'),
-                         node='kamailio@kgtest-%s' % unique('tls'), env=tls_env, queues=queues)
-    try:
-        k.start()
+    with harness.example(logdir, 'kamailio@kgtest-%s' % unique('tls'), env=tls_env,
+                         queues=harness.node_queues(tls_broker.node)) as k:
         yield k
-    finally:
-        k.stop()
-        responder.stop()
-        print('\ne2e TLS logs in %s' % logdir)
 
 
 @pytest.fixture(autouse=True)
