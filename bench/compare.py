@@ -20,6 +20,9 @@ one, so TLS and plain TCP are compared on the same broker:
     kg-sync-tls, kg-async-tls    amqps://, the CA given as KAZOO_GREEN_AMQPS_CA_CERT
     kg-sync-tcp, kg-async-tcp    amqp:// to the same node
 
+and kg-sync-nostats, kg-async-nostats: the example with KAZOO_GREEN_STATS_OFF=1 (no
+statistics include, nothing pushed), for what kazoo_green's statistics cost per call.
+
 All use one examples/responder.py (started here; one more on the TLS node for the TLS
 systems) and the local RabbitMQ. Per system:
 answered/failed calls at fixed offered rates (systems alternate within each rate, so
@@ -117,8 +120,8 @@ def _c_kazoo_ready(kamailio):
 
 #: broker: None (the local RabbitMQ), 'tls' or 'tcp' (the TLS node, through its TLS or
 #: its plain listener).
-System = collections.namedtuple('System', 'name cfg user ready module broker')
-System.__new__.__defaults__ = (None,)
+System = collections.namedtuple('System', 'name cfg user ready module broker env')
+System.__new__.__defaults__ = (None, None)
 
 SYSTEMS = collections.OrderedDict((s.name, s) for s in (
     System('kg-sync', harness.KAMAILIO_CFG, 'benchuser', _kg_ready, None),
@@ -136,6 +139,11 @@ TLS_SYSTEMS = collections.OrderedDict((s.name, s) for s in (
     System('kg-sync-tls', harness.KAMAILIO_CFG, 'benchuser', _kg_ready, None, 'tls'),
     System('kg-async-tcp', harness.KAMAILIO_CFG, 'asyncbenchuser', _kg_ready, None, 'tcp'),
     System('kg-async-tls', harness.KAMAILIO_CFG, 'asyncbenchuser', _kg_ready, None, 'tls'),
+    # The example without its statistics include: what pushing them costs per call.
+    System('kg-sync-nostats', harness.KAMAILIO_CFG, 'benchuser', _kg_ready, None, None,
+           {'KAZOO_GREEN_STATS_OFF': '1'}),
+    System('kg-async-nostats', harness.KAMAILIO_CFG, 'asyncbenchuser', _kg_ready, None, None,
+           {'KAZOO_GREEN_STATS_OFF': '1'}),
 ))
 ALL_SYSTEMS = collections.OrderedDict(list(SYSTEMS.items()) + list(TLS_SYSTEMS.items()))
 SYNC_PROBE = System('c-kazoo-sync', os.path.join(SYSTEMS_DIR, 'c_kazoo_sync.cfg'),
@@ -176,6 +184,7 @@ class BenchKamailio(harness.Kamailio):
                    KG_BENCH_SYSTEMS=SYSTEMS_DIR)
         if self.system.broker:
             env.update(TLSNodeBroker.env(self.system.broker == 'tls'))
+        env.update(self.system.env or {})
         self._log = open(self.log_path, 'a')
         self.proc = subprocess.Popen(['kamailio', '-f', self.system.cfg, '-DD', '-E', '-m', '256'],
                                      cwd=harness.ROOT, env=env, stdout=self._log,

@@ -397,9 +397,11 @@ class Subscriber(object):
             meta = Delivery(route, info.get('exchange'), info.get('routing_key'),
                             sub.queue_in_use, raw.headers or {}, bool(info.get('redelivered')),
                             raw.properties, link.zone, link.host, self.via)
+            started = monotonic()
             try:
                 fn(payload, meta)
             except Exception:
+                self.stats.observe('handler_seconds', route, monotonic() - started)
                 self.stats.handler_errors += 1
                 log.exception('event route %s failed (exchange %s, routing key %s)%s', route,
                               _logs.short(meta.exchange), _logs.short(meta.routing_key),
@@ -408,6 +410,7 @@ class Subscriber(object):
                     settled = True
                     self._settle(sub, channel, raw.delivery_tag, False)
                 return
+            self.stats.observe('handler_seconds', route, monotonic() - started)
             if not settled:
                 settled = True
                 self._settle(sub, channel, raw.delivery_tag, True)

@@ -31,8 +31,9 @@ POLL_INTERVAL = 0.1
 #: First and largest pause between two full rounds of failed connects.
 RECONNECT_DELAY = 0.1
 RECONNECT_DELAY_MAX = 2.0
-#: Largest pause between two tries to set up a subscription the broker refused.
-SETUP_RETRY_MAX = 5.0
+#: Largest pause between two tries to set up a subscription the broker refused (while
+#: it is refused, its messages are unroutable: a try a second costs less than that).
+SETUP_RETRY_MAX = 1.0
 #: Seconds a caller-driven connection has to answer a probe sent after a query
 #: timed out, before it counts as dead (a frozen broker never closes TCP).
 PROBE_GRACE = 0.5

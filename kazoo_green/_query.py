@@ -249,19 +249,24 @@ class ReplyWaiter(object):
 
     def query(self, exchange, routing_key, payload, timeout, headers=None, mandatory=True):
         """Send ``payload`` (a stamped dict) and return the reply dict."""
-        deadline = monotonic() + timeout
+        started = monotonic()
+        deadline = started + timeout
         msg_id = payload['Msg-ID']
         if msg_id in self._pending:
             raise KazooError('a query with Msg-ID %r is already waiting' % (msg_id,))
         link = self.link
-        self.stats.queries += 1
+        stats = self.stats
+        stats.queries += 1
         try:
             fast = link.lane() if link.blocking else None
             if fast is not None:
-                return self._ask(fast, exchange, routing_key, payload, timeout, headers,
-                                 mandatory, deadline, msg_id)
-            return self._publish_and_wait(exchange, routing_key, payload, timeout, headers,
-                                          mandatory, deadline, msg_id)
+                reply = self._ask(fast, exchange, routing_key, payload, timeout, headers,
+                                  mandatory, deadline, msg_id)
+            else:
+                reply = self._publish_and_wait(exchange, routing_key, payload, timeout,
+                                               headers, mandatory, deadline, msg_id)
+            stats.observe('query_seconds', exchange, monotonic() - started)
+            return reply
         except QueryTimeout:
             raise
         except KazooError:

@@ -1,6 +1,11 @@
-"""Counters kept by the runtime and returned by ``Kazoo.stats()``."""
+"""Counters and latency histograms kept by the runtime (``Kazoo.stats()``,
+``Kazoo.histograms()``), read by the exporters (``kazoo_green.metrics`` outside Kamailio,
+``kazoo_green._kamstats`` inside it)."""
 
-__all__ = ['Stats', 'COUNTERS', 'DOCS']
+from bisect import bisect_left
+
+__all__ = ['Stats', 'Histogram', 'COUNTERS', 'DOCS', 'BUCKETS', 'HISTOGRAMS', 'LOST_KINDS',
+           'lost_kind']
 
 #: (name, what it counts), in the order ``stats()`` lists them.
 _COUNTERS = (
@@ -36,18 +41,101 @@ COUNTERS = tuple(name for name, _ in _COUNTERS)
 DOCS = dict(_COUNTERS)
 
 
+#: Upper bounds (seconds) of the latency histograms' buckets (+Inf implied): Prometheus'
+#: defaults with the sub-millisecond ones a query on loopback takes.
+BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+           10.0)
+
+#: name -> (label, what it measures).
+HISTOGRAMS = {
+    'query_seconds': ('exchange', 'time from a query sent to its reply, answered queries '
+                                  'only (timeouts: queries_timeout)'),
+    'handler_seconds': ('route', 'time an event-route handler ran (those that raised too)'),
+}
+
+#: The kinds a lost connection is counted under where names must be declared in
+#: advance (Kamailio's counters): ``lost_<kind>``.
+LOST_KINDS = ('reset', 'closed', 'timeout', 'other')
+_LOST_KIND = {
+    'ConnectionResetError': 'reset', 'BrokenPipeError': 'reset',
+    'ConnectionAbortedError': 'reset', 'closed': 'closed', 'ConnectionLost': 'closed',
+    'RecoverableConnectionError': 'closed', 'IOError': 'closed', 'OSError': 'closed',
+    'ConnectionForced': 'closed', 'ConnectionError': 'closed',
+    'timeout': 'timeout', 'TimeoutError': 'timeout', 'socket.timeout': 'timeout',
+    'BrokerUnresponsive': 'timeout',
+}
+
+
+def lost_kind(reason):
+    """The LOST_KINDS entry for a lost connection's reason (its exception's class name)."""
+    return _LOST_KIND.get(reason, 'other')
+
+
+class Histogram(object):
+    """Counts of observations per bucket of BUCKETS (not cumulative; the last one is
+    +Inf), their sum and count.
+
+    >>> h = Histogram()
+    >>> [h.observe(seconds) for seconds in (0.0004, 0.003, 0.003, 12.0)]   # bucket indexes
+    [0, 3, 3, 14]
+    >>> h.count, h.cumulative()[0], h.cumulative()[3], h.cumulative()[-1]
+    (4, (0.0005, 1), (0.005, 3), (inf, 4))
+    """
+
+    __slots__ = ('counts', 'sums', 'sum', 'count')
+
+    def __init__(self):
+        self.counts = [0] * (len(BUCKETS) + 1)
+        self.sums = [0.0] * (len(BUCKETS) + 1)   # per bucket (Kamailio's replay needs it)
+        self.sum = 0.0
+        self.count = 0
+
+    def observe(self, seconds):
+        """Count ``seconds``; returns the index of its bucket."""
+        i = bisect_left(BUCKETS, seconds)
+        self.counts[i] += 1
+        self.sums[i] += seconds
+        self.sum += seconds
+        self.count += 1
+        return i
+
+    def cumulative(self):
+        """[(upper bound, observations <= it)], +Inf (float('inf')) last."""
+        out, total = [], 0
+        for bound, n in zip(BUCKETS + (float('inf'),), self.counts):
+            total += n
+            out.append((bound, total))
+        return out
+
+
 class Stats(object):
     """Plain integer counters; greenlets share one process so no locking.
 
     ``lost_reasons`` counts lost connections by the kind of error (``ConnectionResetError``,
-    ``ConnectionLost``, ...), for the metrics."""
+    ``ConnectionLost``, ...), for the metrics. ``query_seconds`` (by exchange) and
+    ``handler_seconds`` (by event route) hold Histograms; ``sink``, when set (Kamailio's
+    statistics), is called as ``sink(histogram name, label value, Histogram, bucket
+    index)`` after each observation."""
 
-    __slots__ = COUNTERS + ('lost_reasons',)
+    __slots__ = COUNTERS + ('lost_reasons', 'query_seconds', 'handler_seconds', 'sink')
 
     def __init__(self):
         for name in COUNTERS:
             setattr(self, name, 0)
         self.lost_reasons = {}
+        self.query_seconds = {}
+        self.handler_seconds = {}
+        self.sink = None
 
     def as_dict(self):
         return {name: getattr(self, name) for name in COUNTERS}
+
+    def observe(self, name, key, seconds):
+        """One observation for histogram ``name`` (of HISTOGRAMS) labelled ``key``."""
+        table = getattr(self, name)
+        h = table.get(key)
+        if h is None:
+            h = table[key] = Histogram()
+        i = h.observe(seconds)
+        if self.sink is not None:
+            self.sink(name, key, h, i)

@@ -2,7 +2,8 @@
 
 Exit status: 0 done; 1 the broker or the other side said no (timeout, unroutable,
 unknown exchange, refused); 2 bad usage or bad input (nothing was sent); 3 no broker
-reachable; 4 ``health``: a zone without any broker up.
+reachable (``health --kamailio``: Kamailio's statistics unreadable); 4 ``health``: a zone
+without any broker up (``--kamailio``: a connection Kamailio's processes want is down).
 """
 
 import argparse
@@ -266,7 +267,10 @@ def _wait(predicate, timeout):
 
 
 def cmd_health(args):
-    """Each broker of each zone, connected to on its own (TCP, TLS, AMQP)."""
+    """Each broker of each zone, connected to on its own (TCP, TLS, AMQP); or, with
+    ``--kamailio``, a running Kamailio's own view (its kazoo_green statistics)."""
+    if args.kamailio:
+        return _kamailio_health(args)
     try:
         zones, primary = parse_topology(_brokers(args), args.zone)
     except ValueError as exc:
@@ -291,6 +295,39 @@ def cmd_health(args):
     return OK
 
 
+def _kamailio_health(args):
+    """Healthy when every connection Kamailio's processes want is up (links_down 0,
+    links_up > 0), read with ``kamcmd stats.get_statistics kazoo_green:``."""
+    import subprocess
+    from ._kamstats import GROUP
+    cmd = [args.kamcmd] + (['-s', args.kamcmd_socket] if args.kamcmd_socket else []) + [
+        'stats.get_statistics', GROUP + ':']
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise _Fail(NO_BROKER, 'cannot ask Kamailio (%s): %s' % (' '.join(cmd), exc)) from None
+    values = {}
+    for line in done.stdout.splitlines():
+        name, sep, value = line.partition(' = ')
+        if sep and name.startswith(GROUP + ':'):
+            try:
+                values[name[len(GROUP) + 1:].strip()] = int(value)
+            except ValueError:
+                pass
+    if done.returncode != 0 or 'links_up' not in values:
+        why = (done.stderr or done.stdout).strip().splitlines()
+        raise _Fail(NO_BROKER, 'no kazoo_green statistics from Kamailio (%s): %s' % (
+            ' '.join(cmd), why[-1] if why else 'exit %d' % done.returncode))
+    for name in ('links_up', 'links_down', 'pending_queries', 'buffered_publishes',
+                 'queries', 'queries_ok', 'queries_timeout', 'queries_failed',
+                 'consumed', 'bad_input', 'handler_errors', 'reconnects'):
+        print('%-20s %s' % (name, values.get(name, '?')))
+    if values['links_down'] or not values['links_up']:
+        _err('%d connection(s) down, %d up' % (values['links_down'], values['links_up']))
+        return UNHEALTHY
+    return OK
+
+
 def _probe_broker(url, ssl, args):
     from time import monotonic
     link = Link('health', [url], Stats(), connect_timeout=args.connect_timeout,
@@ -302,6 +339,12 @@ def _probe_broker(url, ssl, args):
         return str(exc.__cause__ or exc).replace('health link: ', '')
     finally:
         link.stop(timeout=1)
+
+
+def cmd_kamailio_cfg(args):
+    from ._kamstats import include_cfg
+    sys.stdout.write(include_cfg())
+    return OK
 
 
 def cmd_demo(args):
@@ -362,8 +405,22 @@ def _parser():
 
     p = verb('health', cmd_health, 'connect to every broker of every zone; exit 4 when a '
                                    'zone has none up, 0 otherwise',
-             "kazoo-green health --broker 'zone=dc2;amqp://guest:guest@10.1.0.1:5672//'")
+             "kazoo-green health --broker 'zone=dc2;amqp://guest:guest@10.1.0.1:5672//'\n"
+             "  kazoo-green health --kamailio --kamcmd-socket unix:/run/kamailio/kamailio_ctl")
+    g = p.add_argument_group('Kamailio')
+    g.add_argument('--kamailio', action='store_true',
+                   help="ask a running Kamailio instead (its statistics, over kamcmd): "
+                        "exit 4 when a connection its processes want is down")
+    g.add_argument('--kamcmd', default='kamcmd', help='kamcmd binary (default %(default)s)')
+    g.add_argument('--kamcmd-socket', metavar='SOCK',
+                   help="kamcmd's -s (default: kamcmd's own)")
+    g.add_argument('--timeout', type=float, default=10, metavar='S',
+                   help='seconds for kamcmd to answer (default %(default)s)')
     _connection_options(p)
+
+    verb('kamailio-cfg', cmd_kamailio_cfg, "print the kamailio.cfg lines declaring "
+         "kazoo_green's statistics (include_file them after loadmodule)",
+         'kazoo-green kamailio-cfg > /etc/kamailio/kazoo_green_stats.cfg')
 
     p = verb('demo', cmd_demo, 'run the demo (memory:// unless --broker)', 'kazoo-green demo')
     p.add_argument('--broker', dest='broker_url', default='memory://',
@@ -375,7 +432,8 @@ def _parser():
 def main(argv=None):
     parser = _parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.CRITICAL,
+    verbose = getattr(args, 'verbose', False)
+    logging.basicConfig(level=logging.INFO if verbose else logging.CRITICAL,
                         format='%(levelname)s %(name)s: %(message)s', stream=sys.stderr)
     try:
         return args.fn(args)

@@ -51,6 +51,7 @@ import gevent
 import gevent.local
 
 from . import _defaults as D, _logs, runtime
+from ._kamstats import PUSH_INTERVAL, KamailioStats
 from ._query import done_within
 from .errors import BadMessage, KazooError
 from .wire import dumps, loads_payload, new_msg_id, stamp_received
@@ -120,10 +121,13 @@ class Kazoo(runtime.Kazoo):
         super(Kazoo, self).__init__(brokers, **kwargs)
         self.async_queue = '%s-async' % self.node
         self._resume = _Resume()
-        self._async_pending = {}   # Msg-ID -> (index, label, on_timeout, timer)
+        self._async_pending = {}   # Msg-ID -> its deadline's timer
+        self._async_sent = {}      # Msg-ID -> (exchange, when it was sent)
         self._async_done = set()   # Msg-IDs resumed in the last _DONE_TTL seconds
         self._async_done_order = deque()  # (time, Msg-ID), oldest first
         self._consuming_async = False
+        #: This process's share of Kamailio's ``kazoo_green`` statistics.
+        self.kamailio_stats = KamailioStats(self)
         self._pub_link.add_up_hook(self._declare_async_queue)
         # Every consuming link of the primary zone (one per broker of a standalone zone:
         # a reply may come through any of them).
@@ -153,6 +157,27 @@ class Kazoo(runtime.Kazoo):
                         'stalled cluster node?)', self.async_queue, D.REPLY_QUEUE_WAIT)
 
     # -- SIP worker side ------------------------------------------------
+    def query(self, *args, **kwargs):
+        stats = self.kamailio_stats
+        if not stats._checked:
+            stats.check()
+        try:
+            return super(Kazoo, self).query(*args, **kwargs)
+        finally:
+            self.kamailio_stats.write()
+
+    def publish(self, *args, **kwargs):
+        stats = self.kamailio_stats
+        if not stats._checked:
+            stats.check()
+        try:
+            return super(Kazoo, self).publish(*args, **kwargs)
+        finally:
+            self.kamailio_stats.write()
+
+    query.__doc__ = runtime.Kazoo.query.__doc__
+    publish.__doc__ = runtime.Kazoo.publish.__doc__
+
     def async_query(self, exchange, routing_key, payload, on_reply, on_timeout,
                     timeout=None, headers=None):
         """Suspend the current transaction and query; resume into a method of the handler.
@@ -169,6 +194,7 @@ class Kazoo(runtime.Kazoo):
         timeout = self._timeout(timeout, self.query_timeout)
         message = self._message(payload)
         KSR = _ksr()
+        self.kamailio_stats.check()
         if KSR.tm.t_newtran() < 0:
             raise KazooError('cannot create the transaction for an async query')
         index = int(KSR.pv.get('$T(id_index)'))
@@ -181,6 +207,7 @@ class Kazoo(runtime.Kazoo):
         message['Msg-ID'] = msg_id
         message['Server-ID'] = self.async_queue
         props = {'correlation_id': msg_id, 'reply_to': self.async_queue}
+        self._stats.queries += 1   # as query(): every one asked, sent or not
         try:
             deadline = monotonic() + timeout
             # Check the exchange first: a notice for a request that cannot go out would
@@ -190,13 +217,15 @@ class Kazoo(runtime.Kazoo):
             # Notice first, in the same write: the consumer process must hold the
             # transaction before the reply can come.
             self._publisher.send_together((
-                ('', self.async_queue, dumps({'kg-async': msg_id}), None, None, False),
+                ('', self.async_queue, dumps({'kg-async': msg_id, 'kg-exchange': exchange,
+                                              'kg-sent': int(monotonic() * 1000000)}),
+                 None, None, False),
                 (exchange, routing_key, dumps(message), headers, props, False)))
-            self._stats.queries += 1
         except KazooError as exc:
             self._stats.queries_failed += 1
             log.warning('async query to %r/%r not sent: %s', exchange, routing_key, exc)
             self._continue(index, label, on_timeout, None, 'not sent: %s' % exc)
+        self.kamailio_stats.write()
         return msg_id
 
     def reply(self):
@@ -260,7 +289,7 @@ class Kazoo(runtime.Kazoo):
         notice = payload.get('kg-async')
         if notice is not None:
             if isinstance(notice, str):
-                self._on_notice(notice)
+                self._on_notice(notice, payload.get('kg-exchange'), payload.get('kg-sent'))
             return
         msg_id = message.properties.get('correlation_id') or payload.get('Msg-ID')
         info = _parse_async_id(msg_id)
@@ -271,7 +300,7 @@ class Kazoo(runtime.Kazoo):
             return
         self._finish(msg_id, info, payload)
 
-    def _on_notice(self, msg_id):
+    def _on_notice(self, msg_id, exchange=None, sent=None):
         info = _parse_async_id(msg_id)
         if info is None or msg_id in self._async_done:
             return
@@ -282,6 +311,10 @@ class Kazoo(runtime.Kazoo):
         timer = gevent.get_hub().loop.timer(delay)
         timer.start(self._expired, msg_id)
         self._async_pending[msg_id] = timer
+        if isinstance(exchange, str) and isinstance(sent, int):
+            # For the query_seconds histogram: the SIP worker's clock (CLOCK_MONOTONIC is
+            # one clock for every process of the machine).
+            self._async_sent[msg_id] = (exchange, sent / 1000000.0)
 
     def _expired(self, msg_id):
         """A hub callback: must not block, so the resume goes to a worker."""
@@ -289,6 +322,7 @@ class Kazoo(runtime.Kazoo):
         if timer is None:
             return
         timer.close()
+        self._async_sent.pop(msg_id, None)
         info = _parse_async_id(msg_id)
         self._mark_done(msg_id)
         self.dispatcher.submit(self._time_out, (info[0], info[1], info[3]))
@@ -298,6 +332,7 @@ class Kazoo(runtime.Kazoo):
         timer = self._async_pending.pop(msg_id, None)
         if timer is not None:
             timer.close()
+        sent = self._async_sent.pop(msg_id, None)
         if msg_id in self._async_done:
             self._stats.replies_unmatched += 1  # a second reply, or after the timeout
             return
@@ -307,6 +342,8 @@ class Kazoo(runtime.Kazoo):
             self.dispatcher.submit(self._time_out, (index, label, on_timeout))
             return
         self._stats.queries_ok += 1
+        if sent is not None:
+            self._stats.observe('query_seconds', sent[0], monotonic() - sent[1])
         self.dispatcher.submit(self._continue, (index, label, on_reply, payload, None))
 
     def _mark_done(self, msg_id):
@@ -320,11 +357,15 @@ class Kazoo(runtime.Kazoo):
     def after_fork(self):
         """In ``child_init``: nothing inherited from the parent is used (no I/O here)."""
         self._async_pending = {}
+        self._async_sent = {}
         self._async_done = set()
         self._async_done_order = deque()
+        self.kamailio_stats.forked()
 
     def stop(self, timeout=None):
+        self.kamailio_stats.stop()
         pending, self._async_pending = self._async_pending, {}
+        self._async_sent = {}
         for timer in pending.values():
             timer.close()
         if timeout is None:
@@ -335,11 +376,13 @@ class Kazoo(runtime.Kazoo):
     def run_consumer(self):
         """The consumer process's body (from rtimer): never returns."""
         self._consuming_async = True
+        self.kamailio_stats.check()
         self.start()
         for feed in self.zones[self.zone].feeds:
             feed.link.start()  # the async reply queue needs them even without subscriptions
         while True:
-            gevent.sleep(3600)
+            gevent.sleep(PUSH_INTERVAL)
+            self.kamailio_stats.tick()
 
 
 def _parse_async_id(msg_id):

@@ -3,7 +3,8 @@
 
 Needs the optional extra: ``pip install kazoo_green[prometheus]`` (prometheus_client).
 Everything is read from the runtime when the endpoint is scraped (``Kazoo.stats()``,
-``Kazoo.links()``): nothing is added to the paths of publishes, queries or deliveries.
+``Kazoo.links()``, ``Kazoo.histograms()``): nothing is added to the paths of publishes,
+queries or deliveries.
 
     import kazoo_green
     from kazoo_green import Kazoo
@@ -16,17 +17,22 @@ Everything is read from the runtime when the endpoint is scraped (``Kazoo.stats(
 Names: ``kazoo_green_<counter>_total`` for every counter of ``Kazoo.stats()`` (see
 ``kazoo_green._stats``), ``kazoo_green_pending_queries``, ``kazoo_green_buffered_publishes``
 (gauges), ``kazoo_green_link_up{zone, role, brokers}`` (1 connected, 0 not; one series per
-connection), ``kazoo_green_connections_lost_total{reason}`` (the kind of error).
+connection), ``kazoo_green_connections_lost_total{reason}`` (the kind of error),
+``kazoo_green_query_seconds{exchange}`` and ``kazoo_green_handler_seconds{route}``
+(histograms: answered queries, event-route handlers). Inside Kamailio the same names, with
+xhttp_prom's ``kamailio_`` prefix, come from Kamailio itself (``kazoo_green._kamstats``).
 """
 
 try:
     from prometheus_client import CollectorRegistry, make_wsgi_app
-    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+    from prometheus_client.core import (
+        CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily,
+    )
 except ImportError as exc:   # pragma: no cover - the extra is not installed
     raise ImportError('kazoo_green.metrics needs prometheus_client: '
                       'pip install kazoo_green[prometheus]') from exc
 
-from ._stats import COUNTERS, DOCS
+from ._stats import COUNTERS, DOCS, HISTOGRAMS
 
 __all__ = ['Collector', 'registry', 'serve']
 
@@ -63,6 +69,17 @@ class Collector(object):
         for reason, count in sorted(kz._stats.lost_reasons.items()):
             lost.add_metric([reason], count)
         yield lost
+        histograms = kz.histograms()
+        for name, (label, doc) in sorted(HISTOGRAMS.items()):
+            family = HistogramMetricFamily(PREFIX + name, doc, labels=[label])
+            for key, h in sorted(histograms[name].items()):
+                family.add_metric([key], [(_bound(b), n) for b, n in h['buckets']],
+                                  sum_value=h['sum'])
+            yield family
+
+
+def _bound(bound):
+    return '+Inf' if bound == float('inf') else repr(bound)
 
 
 def registry(kz):

@@ -354,11 +354,13 @@ class Kazoo(object):
         if fn is None:
             return
         meta.route = route
+        started = monotonic()
         try:
             fn(payload, meta)
         except Exception:
             self._stats.handler_errors += 1
             log.exception('event route %s failed', route)
+        self._stats.observe('handler_seconds', route, monotonic() - started)
 
     def _links(self, started=False):
         """Every link, or those a started runtime runs (publishing, and consuming where
@@ -466,6 +468,23 @@ class Kazoo(object):
         stats['publish_connected'] = self._pub_link.connected
         stats['consume_connected'] = self._sub_link.connected
         return stats
+
+    def histograms(self):
+        """Latency histograms of this process: ``{'query_seconds': {exchange: h},
+        'handler_seconds': {route: h}}``, each ``h`` a dict with ``buckets`` (cumulative
+        ``(upper bound in seconds, count)`` pairs, ``float('inf')`` last), ``sum`` and
+        ``count``. Answered queries only (timeouts: ``queries_timeout``); handlers that
+        raised too.
+
+        >>> kz = Kazoo('memory://')
+        >>> kz.histograms()
+        {'query_seconds': {}, 'handler_seconds': {}}
+        """
+        out = {}
+        for name in ('query_seconds', 'handler_seconds'):
+            out[name] = {key: {'buckets': h.cumulative(), 'sum': h.sum, 'count': h.count}
+                         for key, h in getattr(self._stats, name).items()}
+        return out
 
     def links(self):
         """One dict per connection: ``zone``, ``role`` (publish/consume), ``brokers`` (its

@@ -37,6 +37,12 @@ What is simulated, and how:
   ``hdr.append_to_reply``. A transaction takes one final reply; a second gives -1.
 * ``KSR.err/warn/notice/info/dbg/crit(text)`` go to ``logs`` as ``(level, text)``;
   ``htable.sht_sets/sht_seti/sht_get/sht_rm`` use ``htables``.
+* ``counters.add/inc/reset`` (Kamailio's counters module) keep ``counter_values``
+  (``group.name`` -> the value of this one process); a name not declared in ``declared``
+  gives -1 and an error line, as in Kamailio. ``$def(NAME)`` reads ``defines``;
+  ``xhttp_prom.histogram_observe_l1/l0`` append ``(value, label)`` to
+  ``observations[name]``. ``declare_kazoo_green_stats()`` declares what
+  ``kazoo-green kamailio-cfg`` would (kazoo_green's statistics then get pushed).
 * ``results`` forces the return value of a call named as in ``calls`` and skips its
   action, e.g. ``fake.results['tmx.t_suspend'] = -1``.
 
@@ -130,6 +136,8 @@ class _PV(_Api):
             if t is None:
                 return None
             return t.index if name == '$T(id_index)' else t.label
+        if name.startswith('$def(') and name.endswith(')'):
+            return fake.defines.get(name[5:-1])
         return fake.msg.get(name)
 
     def gete(self, name):
@@ -154,6 +162,35 @@ class _PV(_Api):
     def unset(self, name):
         self._fake._call('pv.unset', name)
         self._fake.msg.set(name, None)
+
+
+class _Counters(_Api):
+    def add(self, name, value):
+        fake = self._fake
+        name = str(name)
+        if fake.declared is not None and name not in fake.declared:
+            fake._log('err', 'counter %s does not exist (forgot to define it?)\n' % name)
+            return -1
+        fake.counter_values[name] = fake.counter_values.get(name, 0) + int(value)
+        return 1
+
+    def inc(self, name):
+        return self.add(name, 1)
+
+    def reset(self, name):
+        if self.add(name, 0) < 0:
+            return -1
+        self._fake.counter_values[str(name)] = 0
+        return 1
+
+
+class _XHttpProm(_Api):
+    def histogram_observe_l0(self, name, number):
+        return self.histogram_observe_l1(name, number, None)
+
+    def histogram_observe_l1(self, name, number, label):
+        self._fake.observations.setdefault(str(name), []).append((float(number), label))
+        return 1
 
 
 class _SL(_Api):
@@ -281,6 +318,15 @@ class FakeKSR(object):
         self.tmx = _TMX(self)
         self.htable = _HTable(self)
         self.hdr = _Hdr(self)
+        #: ``#!define`` values, read as ``$def(NAME)``.
+        self.defines = {}
+        #: Counter values (``group.name`` -> int) and the declared names (None: any).
+        self.counter_values = {}
+        self.declared = set()
+        #: xhttp_prom histogram name -> [(value, label)].
+        self.observations = {}
+        self.counters = _Counters(self)
+        self.xhttp_prom = _XHttpProm(self)
 
     # -- the test's side ------------------------------------------------
     def request(self, method='INVITE', ruri_user='alice', ruri_domain='127.0.0.1',
@@ -313,6 +359,15 @@ class FakeKSR(object):
             values[name if name.startswith('$') else '$' + name] = value
         self.msg = Message(values)
         return self.msg
+
+    def declare_kazoo_green_stats(self, histograms=True):
+        """Declare kazoo_green's counters (and histograms), as an include of
+        ``kazoo-green kamailio-cfg`` (with WITH_KAZOO_GREEN_PROM) does."""
+        from . import _kamstats
+        self.defines[_kamstats.STATS_DEFINE] = '"%s"' % _kamstats.SCHEMA
+        self.declared.update('%s.%s' % (_kamstats.GROUP, n) for n in _kamstats.NAMES)
+        if histograms:
+            self.defines[_kamstats.HISTOGRAMS_DEFINE] = '"%s"' % _kamstats.SCHEMA
 
     def transaction(self, msg=None):
         """The transaction of ``msg`` (default: the current request), or None."""

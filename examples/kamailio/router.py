@@ -99,6 +99,14 @@ class Router(kemi.Handler):
         self.answer(reply, KSR.tm.t_reply)
         return 1
 
+    def ksr_xhttp_event(self, msg, evname=None):
+        """HTTP on KAZOO_GREEN_HTTP: /metrics is xhttp_prom's Prometheus text."""
+        if KSR.xhttp_prom.check_uri() > 0:
+            KSR.xhttp_prom.dispatch()
+        else:
+            KSR.xhttp.xhttp_reply(404, 'Not Found', 'text/plain', 'try /metrics\n')
+        return 1
+
     def route_reply(self, msg):
         """Resumed (t_continue) in the consumer process with the reply."""
         self.answer(kz.reply(), KSR.tm.t_reply)

@@ -18,6 +18,7 @@ PYTHON = os.path.join(ROOT, '.venv', 'bin', 'python')
 KAMAILIO_CFG = os.path.join(ROOT, 'examples', 'kamailio', 'kamailio.cfg')
 SIP_PORT = 5060
 CTL = 'unix:/tmp/kazoo_green_e2e_ctl'
+HTTP_PORT = 5081   # the example's default KAZOO_GREEN_HTTP_PORT
 
 
 def parse_queues(out):
@@ -116,9 +117,11 @@ class Kamailio(object):
         self.queues = queues
         self.proc = None
         self.pids = set()
+        self.http_port = HTTP_PORT   # xhttp_prom's /metrics
 
     def start(self, timeout=30):
-        env = dict(os.environ, PWD=ROOT, KAZOO_GREEN_CTL=CTL, KAZOO_GREEN_NODE=self.node)
+        env = dict(os.environ, PWD=ROOT, KAZOO_GREEN_CTL=CTL, KAZOO_GREEN_NODE=self.node,
+                   KAZOO_GREEN_HTTP_PORT=str(self.http_port))
         env.update(self.env)
         self._log = open(self.log_path, 'a')
         self.proc = subprocess.Popen(['kamailio', '-f', KAMAILIO_CFG, '-DD', '-E', '-m', '256'],
@@ -189,6 +192,28 @@ class Kamailio(object):
     def kamcmd(self, *args):
         return subprocess.run(['kamcmd', '-s', CTL] + list(args), capture_output=True,
                               text=True, timeout=10)
+
+    def statistics(self, group='kazoo_green'):
+        """``kamcmd stats.get_statistics <group>:`` as {name: int}."""
+        out = self.kamcmd('stats.get_statistics', group + ':')
+        assert out.returncode == 0, out
+        values = {}
+        for line in out.stdout.splitlines():
+            name, sep, value = line.partition(' = ')
+            if sep:
+                values[name.split(':', 1)[1].strip()] = int(value)
+        return values
+
+    def metrics(self):
+        """xhttp_prom's /metrics, scraped over HTTP: {(name, ((label, value), ...)): value}."""
+        import urllib.request
+        from prometheus_client.parser import text_string_to_metric_families
+        url = 'http://127.0.0.1:%s/metrics' % self.http_port
+        with urllib.request.urlopen(url, timeout=10) as response:
+            assert response.status == 200
+            text = response.read().decode('utf-8')
+        return {(s.name, tuple(sorted(s.labels.items()))): s.value
+                for family in text_string_to_metric_families(text) for s in family.samples}
 
     def stop(self):
         if self.proc is not None and self.proc.poll() is None:
@@ -333,6 +358,35 @@ def run_sipp(scenario_xml, user, calls, rate, max_seconds=120, limit=None, extra
     result = _parse(workdir, proc)
     result.workdir = workdir
     return result
+
+
+def log_evidence(path, patterns=(r'link: (lost|connected|cannot)', r'cannot set up',
+                                    r'set up again', r'route\.req for ', r'Traceback'),
+                 limit=12):
+    """The lines of log ``path`` that say what a failover did (each pattern's count and its
+    first ``limit`` lines, ``route.req for <user>: <reason>`` grouped by reason), for a
+    failing test to print: what CI shows is all there is to go on."""
+    import collections
+    found = collections.OrderedDict((p, []) for p in patterns)
+    reasons = collections.Counter()
+    try:
+        with open(path, errors='replace') as f:
+            for line in f:
+                for p in patterns:
+                    if re.search(p, line):
+                        found[p].append(line.rstrip())
+                        if 'route\\.req' in p:
+                            reasons[re.sub(r'.*route\.req for \S+: ', '', line.rstrip())] += 1
+    except OSError as exc:
+        return '%s: %s' % (path, exc)
+    out = ['--- %s' % path]
+    for p, lines in found.items():
+        if lines and 'route\\.req' not in p:
+            out.append('%d x /%s/:' % (len(lines), p))
+            out.extend('  ' + line[-240:] for line in lines[:limit])
+    for reason, n in reasons.most_common(limit):
+        out.append('%d x route.req failed: %s' % (n, reason[-240:]))
+    return '\n'.join(out)
 
 
 _STAMP = re.compile(r'(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d+)\s*$')

@@ -129,6 +129,63 @@ def test_presence_events_land_in_the_htable(kamailio):
                                                          'alice0').stdout, timeout=10)
 
 
+def test_statistics_count_every_call_summed_over_processes(kamailio):
+    """kazoo_green's counters in Kamailio's statistics (kamcmd) and its latency histograms
+    in xhttp_prom's /metrics (HTTP): every call of every SIP worker and of the consumer
+    process, counted once."""
+    route = (('route', 'kazoo:consumer-event-presence-update'),)
+    callmgr = (('exchange', 'callmgr'),)
+    before, scraped = kamailio.statistics(), kamailio.metrics()
+    sync, asyncs, unknown, events = 400, 100, 50, 30
+    results = [harness.run_sipp(harness.invite_scenario(user, code), user, calls=n, rate=200)
+               for user, code, n in (('statsalice', 302, sync), ('asyncstats', 302, asyncs),
+                                     ('unknownstats', 404, unknown))]
+    for result, (code, n) in zip(results, (('302', sync), ('302', asyncs), ('404', unknown))):
+        _assert_all(result, code, n)
+    kz = kazoo_green.Kazoo(RABBIT_URL, node=unique('e2e') + '@test')
+    for n in range(events):
+        kz.publish('presence', 'update.stats%d.example%%2Ecom' % n, {
+            'Event-Category': 'presence', 'Event-Name': 'update', 'From': 'stats%d' % n,
+            'State': 'busy'})
+    calls = sync + asyncs + unknown
+
+    def grown(name):
+        return kamailio.statistics()[name] - before[name]
+
+    # SIP workers push after each call, the consumer process every second: wait for it.
+    assert wait_for(lambda: grown('queries_ok') == calls and grown('consumed') == events, 15), \
+        (grown('queries_ok'), grown('consumed'))
+    now = kamailio.statistics()
+    assert now['queries'] - before['queries'] == calls
+    assert now['queries_timeout'] == before['queries_timeout']
+    assert now['queries_failed'] == before['queries_failed']
+    assert now['acked'] - before['acked'] == events            # the late-ack subscription
+    assert now['handler_errors'] == before['handler_errors']
+    # published: the requests, plus each async query's notice to the consumer process
+    assert now['published'] - before['published'] >= calls + asyncs
+    assert now['links_up'] >= 2 and now['links_down'] == 0, now
+    assert now['pending_queries'] == 0 and now['buffered_publishes'] == 0, now
+
+    m = kamailio.metrics()
+    count = 'kamailio_kazoo_green_query_seconds_count'
+    assert m[(count, callmgr)] - scraped.get((count, callmgr), 0) == calls
+    buckets = sorted((float(dict(k[1])['le']), v) for k, v in m.items()
+                     if k[0] == 'kamailio_kazoo_green_query_seconds_bucket'
+                     and dict(k[1]).get('exchange') == 'callmgr')
+    assert buckets[-1] == (float('inf'), m[(count, callmgr)])
+    assert [v for _, v in buckets] == sorted(v for _, v in buckets)   # cumulative
+    handled = 'kamailio_kazoo_green_handler_seconds_count'
+    assert wait_for(lambda: kamailio.metrics()[(handled, route)]
+                    - scraped.get((handled, route), 0) == events, 10)
+    # The counters are there too, through xhttp_prom_stats "all".
+    assert m[('kamailio_kazoo_green_queries_ok', ())] >= before['queries_ok'] + calls
+
+    health = _kamailio_health()
+    print('\n' + health.stdout)
+    assert health.returncode == 0, health
+    assert 'links_down           0' in health.stdout
+
+
 def test_responder_killed_mid_load_gives_503_then_recovers(kamailio, responder):
     seconds, rate = 12, 150
     waits = [harness.spawn_sipp(harness.invite_scenario(user, 302, 503), user,
@@ -158,6 +215,12 @@ def test_broker_down_sip_workers_answer_503(kamailio, responder):
                                     rate=50)
                  for user in ('dave', 'asyncdave')]
         results = [wait() for wait in waits]
+        # Kamailio's own view: its processes' connections are down (exit 4).
+        health = _kamailio_health()
+        print('\nhealth while the broker is down (exit %d):\n%s%s'
+              % (health.returncode, health.stdout, health.stderr))
+        assert health.returncode == 4, health
+        assert kamailio.statistics()['links_down'] > 0
     finally:
         harness.subprocess.run(['rabbitmqctl', '-q', 'start_app'], check=True, timeout=120)
     for result in results:
@@ -172,6 +235,16 @@ def test_broker_down_sip_workers_answer_503(kamailio, responder):
             harness.invite_scenario(user, 302), user, calls=5, rate=5).returncode == 0, 30)
         _assert_all(harness.run_sipp(harness.invite_scenario(user, 302), user, calls=200,
                                      rate=100), '302', 200)
+    # Healthy again once every process that saw the outage is back (a SIP worker
+    # reconnects on its next call: its count stays until then).
+    assert harness.wait_until(lambda: _kamailio_health().returncode == 0, 30), \
+        _kamailio_health()
+
+
+def _kamailio_health():
+    return harness.subprocess.run(
+        [harness.PYTHON, '-m', 'kazoo_green', 'health', '--kamailio', '--kamcmd-socket',
+         harness.CTL], capture_output=True, text=True, timeout=30)
 
 
 def test_kamailio_log_has_no_python_errors(kamailio):

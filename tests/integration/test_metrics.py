@@ -40,6 +40,20 @@ def test_the_endpoint_shows_the_runtimes_counters_links_and_losses(runtimes):
         for name in ('published', 'queries', 'queries_ok', 'consumed', 'acked', 'connects'):
             assert samples[('kazoo_green_%s_total' % name, ())] == stats[name], name
         assert samples[('kazoo_green_queries_ok_total', ())] == 3
+        # Latency histograms: every answered query by exchange, every handler by route
+        # (the handler's own time is taken after it returns: after its reply went out).
+        ex = (('exchange', exchange),)
+        assert samples[('kazoo_green_query_seconds_count', ex)] == 3
+        assert 0 < samples[('kazoo_green_query_seconds_sum', ex)] < 15
+        buckets = sorted((float(dict(k[1])['le']), v) for k, v in samples.items()
+                         if k[0] == 'kazoo_green_query_seconds_bucket'
+                         and dict(k[1])['exchange'] == exchange)
+        assert buckets[-1] == (float('inf'), 3)
+        assert [v for _, v in buckets] == sorted(v for _, v in buckets)   # cumulative
+        route = (('route', 'kazoo:consumer-event-route-req'),)
+        assert wait_for(lambda: scrape(server).get(('kazoo_green_handler_seconds_count',
+                                                     route)) == 3, 10)
+        samples = scrape(server)
         assert samples[('kazoo_green_pending_queries', ())] == 0
         assert samples[('kazoo_green_buffered_publishes', ())] == 0
         brokers = 'amqp://guest@127.0.0.1:5672//'

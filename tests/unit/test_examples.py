@@ -31,3 +31,12 @@ def test_quickstart_example():
         'json_path: sip:fs1',
         'encode: alice%40example%2Ecom',
     ]
+
+
+def test_docstring_examples():
+    import doctest
+    import importlib
+    for name in ('kazoo_green.runtime', 'kazoo_green.wire', 'kazoo_green._stats'):
+        module = importlib.import_module(name)
+        failed, tried = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
+        assert failed == 0, name

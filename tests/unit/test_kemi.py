@@ -595,3 +595,167 @@ def test_resumed_ids_are_forgotten_after_their_ttl(monkeypatch):
     clock[0] += kemi._DONE_TTL + 1
     kz._mark_done('fresh')
     assert kz._async_done == {'fresh'} and len(kz._async_done_order) == 1
+
+
+# -- Kamailio's statistics (kazoo_green._kamstats) -----------------------------------------
+# One FakeKSR stands for every process of the simulated instance: its counter_values are
+# what Kamailio would sum. The pusher (a consumer process) pushes on tick(), as its loop
+# does every PUSH_INTERVAL; the tests call it rather than wait.
+
+from kazoo_green import _kamstats  # noqa: E402
+
+
+def counter(fake, name):
+    return fake.counter_values.get('kazoo_green.' + name, 0)
+
+
+def summed(runtimes, name):
+    return sum(kz.stats()[name] for kz in runtimes)
+
+
+def pusher_and_worker(kamailio, responder):
+    """A responder's exchange, a consumer process (the pusher) and a SIP worker."""
+    exchange, _ = responder(routed)
+    instance = kamailio()
+    consumer = instance.consumer()
+    return exchange, consumer, instance.process()
+
+
+def test_the_shipped_include_is_what_kamailio_cfg_prints():
+    path = os.path.join(ROOT, 'examples', 'kamailio', 'kazoo_green_stats.cfg')
+    with open(path) as f:
+        assert f.read() == _kamstats.include_cfg(), 'run: kazoo-green kamailio-cfg > ' + path
+    text = _kamstats.include_cfg()
+    for name in _kamstats.NAMES:   # each declared once, in the group, described
+        assert text.count('"kazoo_green.%s:' % name) == 1, name
+    assert len(set(_kamstats.NAMES)) == len(_kamstats.NAMES)
+
+
+def test_sip_worker_counts_reach_kamailio_through_the_pusher(kamailio, responder, fake):
+    fake.declare_kazoo_green_stats()
+    exchange, consumer, worker = pusher_and_worker(kamailio, responder)
+    for n in range(3):
+        fake.request('INVITE', ruri_user='u%d' % n)
+        assert worker.query(exchange, 'route.req', route_req('u%d' % n), timeout=5)['Route']
+    consumer.kamailio_stats.tick()
+    both = (worker, consumer)
+    for name in ('queries', 'queries_ok', 'published', 'connects'):
+        assert counter(fake, name) == summed(both, name) > 0, name
+    assert counter(fake, 'queries') == 3
+    assert counter(fake, 'links_up') == 3 and counter(fake, 'links_down') == 0
+    assert counter(fake, 'pending_queries') == 0
+    seen = fake.observations['kazoo_green_query_seconds']
+    assert len(seen) == 3 and {label for _, label in seen} == {exchange}
+    assert all(0 < value < 5 for value, _ in seen)
+    # Replayed: each bucket's observations as their mean, so the sum is exact.
+    h = worker.histograms()['query_seconds'][exchange]
+    assert abs(sum(value for value, _ in seen) - h['sum']) < 1e-5
+    # A failing query, then a push: counted once, nothing pushed twice.
+    with pytest.raises(KazooError):
+        worker.query('no-such-exchange', 'x', route_req('x'), timeout=1)
+    consumer.kamailio_stats.tick()
+    consumer.kamailio_stats.tick()
+    assert counter(fake, 'queries_failed') == worker.stats()['queries_failed'] == 1
+    assert counter(fake, 'queries') == 4
+    assert len(fake.observations['kazoo_green_query_seconds']) == 3
+    assert fake.log_lines('err') == []
+
+
+def test_consumer_process_counts_handler_latency_and_its_links(kamailio, fake):
+    fake.declare_kazoo_green_stats()
+    instance = kamailio()
+    consumer = instance.process()
+    exchange = unique('presence')
+    handled = []
+    consumer.add_route('kazoo:consumer-event-presence-update',
+                       lambda payload, meta: handled.append(payload))
+    consumer.subscribe(exchange, 'update.*', exchange_type='topic', queue=unique('q'))
+    instance.run(consumer.run_consumer)
+    assert wait_for(lambda: consumer.stats()['consume_connected'], 5)
+    publisher = instance.process()
+    for n in range(2):
+        publisher.publish(exchange, 'update.x', {'Event-Category': 'presence',
+                                                 'Event-Name': 'update', 'N': n})
+    assert wait_for(lambda: len(handled) == 2, 5)
+    assert wait_for(lambda: consumer.stats()['acked'] == 2, 5)
+    consumer.kamailio_stats.tick()
+    assert counter(fake, 'consumed') == 2 and counter(fake, 'acked') == 2
+    assert counter(fake, 'links_up') == 3 and counter(fake, 'links_down') == 0
+    seen = fake.observations['kazoo_green_handler_seconds']
+    assert [label for _, label in seen] == ['kazoo:consumer-event-presence-update'] * 2
+    # Stopping a runtime takes its gauges out of the sums; its counts stay.
+    publisher.stop()
+    consumer.kamailio_stats.tick()
+    assert counter(fake, 'links_up') == 2 and counter(fake, 'consumed') == 2
+
+
+def test_nothing_is_pushed_where_kamailio_cfg_declares_nothing(kamailio, responder, fake,
+                                                               kz_logger):
+    exchange, consumer, worker = pusher_and_worker(kamailio, responder)
+    worker.query(exchange, 'route.req', route_req('a'), timeout=5)
+    consumer.kamailio_stats.tick()
+    assert fake.counter_values == {} and fake.observations == {}
+    assert fake.log_lines() == []   # statistics not configured: nothing to say
+
+
+def test_a_stale_include_is_named_once_and_not_used(kamailio, responder, fake, kz_logger):
+    fake.declare_kazoo_green_stats()
+    fake.defines[_kamstats.STATS_DEFINE] = '"0123456789ab"'   # another kazoo_green's
+    kemi.use_kamailio_log()
+    exchange, consumer, worker = pusher_and_worker(kamailio, responder)
+    for _ in range(2):
+        worker.query(exchange, 'route.req', route_req('a'), timeout=5)
+    consumer.kamailio_stats.tick()
+    assert fake.counter_values == {}
+    warned = [t for t in fake.log_lines('warn') if 'kamailio-cfg' in t]
+    assert len(warned) == 2 and 'another kazoo_green version' in warned[0]   # one each
+
+
+def test_counters_only_without_histograms(kamailio, responder, fake):
+    fake.declare_kazoo_green_stats(histograms=False)
+    exchange, consumer, worker = pusher_and_worker(kamailio, responder)
+    worker.query(exchange, 'route.req', route_req('a'), timeout=5)
+    consumer.kamailio_stats.tick()
+    assert counter(fake, 'queries_ok') == 1
+    assert fake.observations == {}
+
+
+def test_after_the_fork_a_child_counts_only_its_own_share(kamailio, responder, fake):
+    fake.declare_kazoo_green_stats()
+    exchange, consumer, worker = pusher_and_worker(kamailio, responder)
+    worker.query(exchange, 'route.req', route_req('a'), timeout=5)
+    consumer.kamailio_stats.tick()
+    assert counter(fake, 'queries') == 1
+    # A forked child starts from what the parent counted: counting it again would count
+    # the parent's work twice.
+    worker.after_fork()
+    worker.query(exchange, 'route.req', route_req('b'), timeout=5)
+    consumer.kamailio_stats.tick()
+    assert counter(fake, 'queries') == 2
+
+
+def test_the_table_is_shared_with_forked_children_and_summed_once():
+    """The real thing underneath: slots written by forked processes, summed by one."""
+    table = _kamstats.Table(slots=4)
+    values = [0] * len(_kamstats.NAMES)
+    pids = []
+    for n in (1, 2, 3):
+        pid = os.fork()
+        if pid == 0:   # a child writes its slot and leaves at once
+            code = 1
+            try:
+                slot = table.claim(token=n)
+                row = list(values)
+                row[_kamstats.NAMES.index('queries')] = n * 100
+                row[_kamstats.NAMES.index('links_up')] = 1
+                table.write(slot, row)
+                code = 0
+            finally:
+                os._exit(code)
+        pids.append(pid)
+    assert all(os.waitpid(pid, 0)[1] == 0 for pid in pids)
+    totals, pushed = table.totals()
+    assert totals[_kamstats.NAMES.index('queries')] == 600
+    assert totals[_kamstats.NAMES.index('links_up')] == 3
+    assert pushed == [0] * len(values)
+    assert table.claim(token=9) is not None and table.claim(token=10) is None   # 4 slots
