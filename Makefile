@@ -7,7 +7,8 @@ VENV_LOWEST ?= .venv-lowest
 PY = $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: venv demo test unit integration e2e bench compare clean venv-lowest test-lowest
+.PHONY: venv demo test unit integration e2e bench compare clean venv-lowest test-lowest \
+	test-harness
 
 $(VENV)/.installed: requirements.txt requirements-test.txt setup.py
 	bash tests/tools/venv.sh $(BASE_PYTHON) $(VENV)
@@ -27,7 +28,7 @@ demo: venv
 # (KGC_KEEP_NODES=1), then every node is stopped.
 test: venv venv-lowest
 	bash tests/tools/services.sh
-	KGC_KEEP_NODES=1 $(PY) -m pytest tests $(PYTEST_ARGS)
+	KGC_KEEP_NODES=1 $(PY) -m pytest tests -m 'not harness' $(PYTEST_ARGS)
 	$(VENV_LOWEST)/bin/python tests/tools/check_pins.py requirements-lowest.txt
 	KGC_KEEP_NODES=1 $(VENV_LOWEST)/bin/python -m pytest tests/unit tests/integration \
 		--ignore=tests/integration/test_cli.py --ignore=tests/integration/test_zones.py \
@@ -35,6 +36,12 @@ test: venv venv-lowest
 		--ignore=tests/unit/test_encode_table.py --ignore=tests/unit/test_topology.py \
 		$(PYTEST_ARGS)
 	$(PY) -m tests.nodes down
+
+# The harness' own node-restarting self-tests (tests/failover/test_cluster_fixture.py,
+# marked `harness`): run them when tests/cluster.py changes.
+test-harness: venv
+	bash tests/tools/services.sh
+	$(PY) -m pytest tests/failover/test_cluster_fixture.py $(PYTEST_ARGS)
 
 unit: venv
 	$(PY) -m pytest tests/unit $(PYTEST_ARGS)

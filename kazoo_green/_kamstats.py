@@ -46,15 +46,19 @@ GAUGES = (
     ('pending_queries', 'queries waiting for a reply (gauge)'),
     ('buffered_publishes', 'publishes kept while no broker is reachable (gauge)'),
     ('links_up', 'broker connections up (gauge, summed over processes)'),
-    ('links_down', 'broker connections wanted but down (gauge, summed over processes)'),
+    ('links_down', 'broker connections the consumer processes keep that are down (gauge)'),
 )
 _LOST = tuple(('lost_' + kind, 'connections lost: %s' % kind) for kind in LOST_KINDS)
 _DESCRIBED = tuple((name, DOCS[name]) for name in COUNTERS) + _LOST + GAUGES
 #: Every counter and gauge, in the order the include file declares them.
 NAMES = tuple(name for name, _ in _DESCRIBED)
 _GAUGE_AT = len(NAMES) - len(GAUGES)
+#: Counted by the pusher itself, not by the processes: how many pushes it made (one a
+#: second; a number that stops moving means the statistics are stale).
+PUSHES = ('pushes', 'times the processes\' values were summed into these (one a second)')
 #: What the include file declares, so a stale include (another kazoo_green) is noticed.
-SCHEMA = hashlib.sha1(repr((NAMES, sorted(HISTOGRAMS), BUCKETS)).encode()).hexdigest()[:12]
+SCHEMA = hashlib.sha1(repr((NAMES, PUSHES, sorted(HISTOGRAMS), BUCKETS)).encode()
+                      ).hexdigest()[:12]
 STATS_DEFINE = 'KAZOO_GREEN_STATS'
 HISTOGRAMS_DEFINE = 'KAZOO_GREEN_HISTOGRAMS'
 PROM_SWITCH = 'WITH_KAZOO_GREEN_PROM'
@@ -79,7 +83,7 @@ def include_cfg():
         '# "xhttp_prom.so" with #!define %s before the include).' % PROM_SWITCH,
         '#!define %s "%s"' % (STATS_DEFINE, SCHEMA),
     ]
-    for name, doc in _DESCRIBED:
+    for name, doc in _DESCRIBED + (PUSHES,):
         # name:description (the module splits at the first ':' or ' ').
         lines.append('modparam("counters", "script_counter", "%s.%s:%s")'
                      % (GROUP, name, doc.replace('"', "'")))
@@ -382,8 +386,11 @@ class KamailioStats(object):
         for link in kz._links():
             if link.connected:
                 up += 1
-            elif link.ever_connected or link._reader is not None:
-                down += 1   # started, or used before: wanted
+            elif link._reader is not None:
+                # Down while a reader keeps it up (consumer processes). A SIP worker's
+                # link lost since its last call reconnects on the next: not counted down,
+                # or a worker that gets no call would report a broker that is back.
+                down += 1
         return _counter_values(stats) + self._lost + (pending, buffered, up, down)
 
     def write(self, full=False):
@@ -459,6 +466,7 @@ class KamailioStats(object):
             # in place, which would damage a str kept for reuse.
             add(GROUP + '.' + name, delta)
         self.table.pushed(totals)
+        add(GROUP + '.' + PUSHES[0], 1)
         observations = self.table.new_observations()
         if self.prom is None:
             return

@@ -3,7 +3,8 @@
 Exit status: 0 done; 1 the broker or the other side said no (timeout, unroutable,
 unknown exchange, refused); 2 bad usage or bad input (nothing was sent); 3 no broker
 reachable (``health --kamailio``: Kamailio's statistics unreadable); 4 ``health``: a zone
-without any broker up (``--kamailio``: a connection Kamailio's processes want is down).
+without any broker up (``--kamailio``: a connection Kamailio's consumer processes keep is
+down, or none is up).
 """
 
 import argparse
@@ -296,7 +297,7 @@ def cmd_health(args):
 
 
 def _kamailio_health(args):
-    """Healthy when every connection Kamailio's processes want is up (links_down 0,
+    """Healthy when every connection Kamailio's consumer processes keep is up (links_down 0,
     links_up > 0), read with ``kamcmd stats.get_statistics kazoo_green:``."""
     import subprocess
     from ._kamstats import GROUP
@@ -410,7 +411,7 @@ def _parser():
     g = p.add_argument_group('Kamailio')
     g.add_argument('--kamailio', action='store_true',
                    help="ask a running Kamailio instead (its statistics, over kamcmd): "
-                        "exit 4 when a connection its processes want is down")
+                        "exit 4 when a connection its consumer processes keep is down")
     g.add_argument('--kamcmd', default='kamcmd', help='kamcmd binary (default %(default)s)')
     g.add_argument('--kamcmd-socket', metavar='SOCK',
                    help="kamcmd's -s (default: kamcmd's own)")

@@ -365,7 +365,8 @@ class FakeKSR(object):
         ``kazoo-green kamailio-cfg`` (with WITH_KAZOO_GREEN_PROM) does."""
         from . import _kamstats
         self.defines[_kamstats.STATS_DEFINE] = '"%s"' % _kamstats.SCHEMA
-        self.declared.update('%s.%s' % (_kamstats.GROUP, n) for n in _kamstats.NAMES)
+        self.declared.update('%s.%s' % (_kamstats.GROUP, n)
+                             for n in _kamstats.NAMES + (_kamstats.PUSHES[0],))
         if histograms:
             self.defines[_kamstats.HISTOGRAMS_DEFINE] = '"%s"' % _kamstats.SCHEMA
 

@@ -133,6 +133,7 @@ def test_quorum_queue_publish_on_node1_consume_on_node3(running_cluster):
         delete_queue(c.urls[0], q)
 
 
+@pytest.mark.harness
 def test_kill_node2_then_restart_keeps_quorum_messages(running_cluster):
     c = running_cluster
     q = qname()
@@ -163,6 +164,7 @@ def test_kill_node2_then_restart_keeps_quorum_messages(running_cluster):
         delete_queue(c.urls[0], q)
 
 
+@pytest.mark.harness
 def test_frozen_node_times_out_and_works_after_thaw(running_cluster):
     c = running_cluster
     q = qname()
@@ -204,6 +206,7 @@ def test_frozen_node_times_out_and_works_after_thaw(running_cluster):
         delete_queue(c.urls[0], q)
 
 
+@pytest.mark.harness
 def test_stop_start_node_and_ensure_all_running(running_cluster):
     c = running_cluster
     c.stop_node(2)  # stop_app: VM up, AMQP listener closed
