@@ -312,7 +312,8 @@ class KamailioStats(object):
         self._lost_seen = -1    # connection_errors when the lost kinds were last counted
         self._checked = False   # enable() ran in this process
         self._base = None       # the values inherited at the fork
-        self._entries = {}      # (histogram name, label) -> its counts' offset, or False
+        # histogram name -> {label: its counts' offset in the slot, or False}
+        self._entries = {name: {} for name in HISTOGRAMS}
 
     def enable(self, KSR):
         """Use what kamailio.cfg declared (see ``include_cfg``): called once per process
@@ -361,7 +362,7 @@ class KamailioStats(object):
         counted is the parent's (the child counts from there on)."""
         self._checked = False
         self.slot = None
-        self._entries = {}
+        self._entries = {name: {} for name in HISTOGRAMS}
         stats = self.kz._stats
         stats.query_seconds = {}
         stats.handler_seconds = {}
@@ -419,7 +420,7 @@ class KamailioStats(object):
 
     def _observe(self, name, label, h, i):
         """Stats.sink: bucket ``i`` of histogram ``h`` changed."""
-        at = self._entries.get((name, label))
+        at = self._entries[name].get(label)
         if at is None:
             at = self._new_entry(name, label)
         if at:
@@ -441,7 +442,7 @@ class KamailioStats(object):
                 h = getattr(self.kz._stats, name)[label]
                 _HD.pack_into(self.table.mm, at + _HQ.size, *h.sums)
                 _HQ.pack_into(self.table.mm, at, *h.counts)
-        self._entries[(name, label)] = at
+        self._entries[name][label] = at
         return at
 
     def tick(self):

@@ -3,6 +3,7 @@
 ``kazoo_green._kamstats`` inside it)."""
 
 from bisect import bisect_left
+from math import fsum
 
 __all__ = ['Stats', 'Histogram', 'COUNTERS', 'DOCS', 'BUCKETS', 'HISTOGRAMS', 'LOST_KINDS',
            'lost_kind']
@@ -82,22 +83,27 @@ class Histogram(object):
     (4, (0.0005, 1), (0.005, 3), (inf, 4))
     """
 
-    __slots__ = ('counts', 'sums', 'sum', 'count')
+    __slots__ = ('counts', 'sums')
 
     def __init__(self):
         self.counts = [0] * (len(BUCKETS) + 1)
         self.sums = [0.0] * (len(BUCKETS) + 1)   # per bucket (Kamailio's replay needs it)
-        self.sum = 0.0
-        self.count = 0
 
     def observe(self, seconds):
-        """Count ``seconds``; returns the index of its bucket."""
+        """Count ``seconds``; returns the index of its bucket. (On every query: the
+        totals are summed when read instead.)"""
         i = bisect_left(BUCKETS, seconds)
         self.counts[i] += 1
         self.sums[i] += seconds
-        self.sum += seconds
-        self.count += 1
         return i
+
+    @property
+    def count(self):
+        return sum(self.counts)
+
+    @property
+    def sum(self):
+        return fsum(self.sums)
 
     def cumulative(self):
         """[(upper bound, observations <= it)], +Inf (float('inf')) last."""
@@ -132,10 +138,9 @@ class Stats(object):
 
     def observe(self, name, key, seconds):
         """One observation for histogram ``name`` (of HISTOGRAMS) labelled ``key``."""
-        table = getattr(self, name)
-        h = table.get(key)
+        h = getattr(self, name).get(key)
         if h is None:
-            h = table[key] = Histogram()
+            h = getattr(self, name)[key] = Histogram()
         i = h.observe(seconds)
         if self.sink is not None:
             self.sink(name, key, h, i)
