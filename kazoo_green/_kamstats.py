@@ -4,7 +4,7 @@
 Every process of a Kamailio instance writes its values into a shared-memory table made
 before Kamailio forks (``Table``: one slot per runtime, plain stores, no KEMI call): a SIP
 worker after each ``query``/``publish``/``async_query``, the consumer process every
-``PUSH_INTERVAL`` seconds. One consumer process (the "pusher") sums the slots every
+``PUSH_INTERVAL`` seconds; its latency histograms' buckets are views of its slot. One consumer process (the "pusher") sums the slots every
 ``PUSH_INTERVAL`` and adds the difference to Kamailio's counters (the ``counters``
 module's group ``kazoo_green``) and replays the latency histograms' new observations into
 ``xhttp_prom``'s histograms (labels need it): each bucket's new observations as that many
@@ -312,8 +312,6 @@ class KamailioStats(object):
         self._lost_seen = -1    # connection_errors when the lost kinds were last counted
         self._checked = False   # enable() ran in this process
         self._base = None       # the values inherited at the fork
-        # histogram name -> {label: its counts' offset in the slot, or False}
-        self._entries = {name: {} for name in HISTOGRAMS}
 
     def enable(self, KSR):
         """Use what kamailio.cfg declared (see ``include_cfg``): called once per process
@@ -321,7 +319,7 @@ class KamailioStats(object):
         written."""
         self._checked = True
         self.slot = None
-        self.kz._stats.sink = None
+        self.kz._stats.new_histogram = None
         declared = _define(KSR, STATS_DEFINE)
         if declared is None:
             return False
@@ -342,7 +340,7 @@ class KamailioStats(object):
         self.counters = KSR.counters
         if _define(KSR, HISTOGRAMS_DEFINE) == SCHEMA and getattr(KSR, 'xhttp_prom', None):
             self.prom = KSR.xhttp_prom
-            self.kz._stats.sink = self._observe
+            self.kz._stats.new_histogram = self._histogram
         self.write(full=True)
         return True
 
@@ -362,7 +360,6 @@ class KamailioStats(object):
         counted is the parent's (the child counts from there on)."""
         self._checked = False
         self.slot = None
-        self._entries = {name: {} for name in HISTOGRAMS}
         stats = self.kz._stats
         stats.query_seconds = {}
         stats.handler_seconds = {}
@@ -418,32 +415,21 @@ class KamailioStats(object):
             log.exception('cannot store kazoo_green statistics')
             self.slot = None   # stop: a broken write must not repeat on every call
 
-    def _observe(self, name, label, h, i):
-        """Stats.sink: bucket ``i`` of histogram ``h`` changed."""
-        at = self._entries[name].get(label)
+    def _histogram(self, name, label):
+        """Stats.new_histogram: a Histogram whose buckets are this slot's entry for
+        ``name{label}`` in the shared table (observing it is storing it), or a plain one
+        (logged once) when the slot has no entry left."""
+        from ._stats import Histogram
+        at = self.table.label(self.slot, _KINDS[name], str(label)) if self.slot is not None \
+            else None
         if at is None:
-            at = self._new_entry(name, label)
-        if at:
-            mm = self.table.mm
-            _D.pack_into(mm, at + _HQ.size + 8 * i, h.sums[i])   # the sum, then the count
-            _Q.pack_into(mm, at + 8 * i, h.counts[i])
-
-    def _new_entry(self, name, label):
-        at = False
-        if self.slot is not None:
-            at = self.table.label(self.slot, _KINDS[name], str(label))
-            if at is None:
+            if self.slot is not None:
                 log.warning('kazoo_green statistics: more than %d histogram labels in one '
                             'process; %s{%s} is not counted', LABELS, name, label)
-                at = False
-            else:
-                # Observations made before this entry existed (none in Kamailio: the
-                # entry comes with the first one; tests may differ): all of them.
-                h = getattr(self.kz._stats, name)[label]
-                _HD.pack_into(self.table.mm, at + _HQ.size, *h.sums)
-                _HQ.pack_into(self.table.mm, at, *h.counts)
-        self._entries[name][label] = at
-        return at
+            return Histogram()
+        view = memoryview(self.table.mm)
+        return Histogram(counts=view[at:at + _HQ.size].cast('q'),
+                         sums=view[at + _HQ.size:at + _HQ.size + _HD.size].cast('d'))
 
     def tick(self):
         """The consumer process, every PUSH_INTERVAL: write, and push if the pusher."""

@@ -85,16 +85,18 @@ class Histogram(object):
 
     __slots__ = ('counts', 'sums')
 
-    def __init__(self):
-        self.counts = [0] * (len(BUCKETS) + 1)
-        self.sums = [0.0] * (len(BUCKETS) + 1)   # per bucket (Kamailio's replay needs it)
+    def __init__(self, counts=None, sums=None):
+        # Lists, or views of shared memory (Kamailio: kazoo_green._kamstats), per bucket.
+        self.counts = [0] * (len(BUCKETS) + 1) if counts is None else counts
+        self.sums = [0.0] * (len(BUCKETS) + 1) if sums is None else sums
 
     def observe(self, seconds):
         """Count ``seconds``; returns the index of its bucket. (On every query: the
-        totals are summed when read instead.)"""
+        totals are summed when read instead.) The sum before the count: a reader in
+        another process that sees the count sees the sum."""
         i = bisect_left(BUCKETS, seconds)
-        self.counts[i] += 1
         self.sums[i] += seconds
+        self.counts[i] += 1
         return i
 
     @property
@@ -119,11 +121,11 @@ class Stats(object):
 
     ``lost_reasons`` counts lost connections by the kind of error (``ConnectionResetError``,
     ``ConnectionLost``, ...), for the metrics. ``query_seconds`` (by exchange) and
-    ``handler_seconds`` (by event route) hold Histograms; ``sink``, when set (Kamailio's
-    statistics), is called as ``sink(histogram name, label value, Histogram, bucket
-    index)`` after each observation."""
+    ``handler_seconds`` (by event route) hold Histograms; ``new_histogram``, when set
+    (Kamailio's statistics), makes them: ``new_histogram(histogram name, label value)``."""
 
-    __slots__ = COUNTERS + ('lost_reasons', 'query_seconds', 'handler_seconds', 'sink')
+    __slots__ = COUNTERS + ('lost_reasons', 'query_seconds', 'handler_seconds',
+                            'new_histogram')
 
     def __init__(self):
         for name in COUNTERS:
@@ -131,7 +133,7 @@ class Stats(object):
         self.lost_reasons = {}
         self.query_seconds = {}
         self.handler_seconds = {}
-        self.sink = None
+        self.new_histogram = None
 
     def as_dict(self):
         return {name: getattr(self, name) for name in COUNTERS}
@@ -140,7 +142,6 @@ class Stats(object):
         """One observation for histogram ``name`` (of HISTOGRAMS) labelled ``key``."""
         h = getattr(self, name).get(key)
         if h is None:
-            h = getattr(self, name)[key] = Histogram()
-        i = h.observe(seconds)
-        if self.sink is not None:
-            self.sink(name, key, h, i)
+            make = self.new_histogram
+            h = getattr(self, name)[key] = Histogram() if make is None else make(name, key)
+        h.observe(seconds)
