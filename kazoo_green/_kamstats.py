@@ -112,6 +112,7 @@ _NR = len(NAMES) - _NC                                 # lost kinds and gauges
 _Q = struct.Struct('@q')
 _D = struct.Struct('@d')
 _HEADER = struct.Struct('@qq%dq' % len(NAMES))        # pusher pid, pusher token, pushed
+_PUSHED = struct.Struct('@%dq' % len(NAMES))
 _SLOT_HEAD = struct.Struct('@qq')                      # owner pid, owner token
 _COUNTS = struct.Struct('@%dq' % _NC)
 _REST = struct.Struct('@%dq' % _NR)
@@ -218,7 +219,7 @@ class Table(object):
         return totals, list(_HEADER.unpack_from(self.mm, 0)[2:])
 
     def pushed(self, totals):
-        struct.pack_into('@%dq' % len(NAMES), self.mm, 16, *totals)
+        _PUSHED.pack_into(self.mm, 16, *totals)
 
     def new_observations(self):
         """[(kind name, label, value, count)] to replay: each bucket's observations since
@@ -317,7 +318,6 @@ class KamailioStats(object):
         """Use what kamailio.cfg declared (see ``include_cfg``): called once per process
         by ``check``, in a route (KEMI calls want one). Returns whether values are
         written."""
-        self._checked = True
         self.slot = None
         self.kz._stats.new_histogram = None
         declared = _define(KSR, STATS_DEFINE)
@@ -329,19 +329,24 @@ class KamailioStats(object):
                         % ('the include was made by another kazoo_green version'
                            if declared != SCHEMA else 'the counters module is not loaded'))
             return False
-        slot = self.table.claim(self.token)
-        if slot is None:
+        if not self.claim():
             log.warning('kazoo_green statistics: all %d slots taken; this process is not '
                         'counted', self.table.slots)
             return False
-        self.slot = slot
-        self._at = self.table.counters_at(slot)
-        self._slow = None
         self.counters = KSR.counters
         if _define(KSR, HISTOGRAMS_DEFINE) == SCHEMA and getattr(KSR, 'xhttp_prom', None):
             self.prom = KSR.xhttp_prom
             self.kz._stats.new_histogram = self._histogram
         self.write(full=True)
+        return True
+
+    def claim(self):
+        """Take a slot of the table for this runtime; False when none is free."""
+        self.slot = self.table.claim(self.token)
+        if self.slot is None:
+            return False
+        self._at = self.table.counters_at(self.slot)
+        self._slow = None
         return True
 
     def check(self):

@@ -62,7 +62,7 @@ _LOST_KIND = {
     'ConnectionAbortedError': 'reset', 'closed': 'closed', 'ConnectionLost': 'closed',
     'RecoverableConnectionError': 'closed', 'IOError': 'closed', 'OSError': 'closed',
     'ConnectionForced': 'closed', 'ConnectionError': 'closed',
-    'timeout': 'timeout', 'TimeoutError': 'timeout', 'socket.timeout': 'timeout',
+    'timeout': 'timeout', 'TimeoutError': 'timeout',
     'BrokerUnresponsive': 'timeout',
 }
 

@@ -41,6 +41,7 @@ deadline. Resume details also travel in the ``Msg-ID``, so a reply is resumed by
 whichever consumer process gets it.
 """
 
+import functools
 import logging
 import os
 import re
@@ -111,6 +112,20 @@ class _Resume(gevent.local.local):
     error = None
 
 
+def _counted(method):
+    """``method`` of runtime.Kazoo, then this process's statistics stored (Kamailio)."""
+    @functools.wraps(method)
+    def counted(self, *args, **kwargs):
+        stats = self.kamailio_stats
+        if not stats._checked:
+            stats.check()
+        try:
+            return method(self, *args, **kwargs)
+        finally:
+            stats.write()
+    return counted
+
+
 class Kazoo(runtime.Kazoo):
     """A runtime with Kamailio's async query (suspend/resume) on top."""
 
@@ -157,26 +172,8 @@ class Kazoo(runtime.Kazoo):
                         'stalled cluster node?)', self.async_queue, D.REPLY_QUEUE_WAIT)
 
     # -- SIP worker side ------------------------------------------------
-    def query(self, *args, **kwargs):
-        stats = self.kamailio_stats
-        if not stats._checked:
-            stats.check()
-        try:
-            return super(Kazoo, self).query(*args, **kwargs)
-        finally:
-            self.kamailio_stats.write()
-
-    def publish(self, *args, **kwargs):
-        stats = self.kamailio_stats
-        if not stats._checked:
-            stats.check()
-        try:
-            return super(Kazoo, self).publish(*args, **kwargs)
-        finally:
-            self.kamailio_stats.write()
-
-    query.__doc__ = runtime.Kazoo.query.__doc__
-    publish.__doc__ = runtime.Kazoo.publish.__doc__
+    query = _counted(runtime.Kazoo.query)
+    publish = _counted(runtime.Kazoo.publish)
 
     def async_query(self, exchange, routing_key, payload, on_reply, on_timeout,
                     timeout=None, headers=None):
