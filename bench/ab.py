@@ -1,0 +1,138 @@
+"""Two systems of bench/compare.py, alternated run by run, for a difference smaller than
+one run's spread (what kazoo_green's statistics cost: kg-sync against kg-sync-nostats).
+
+Each run: a fresh Kamailio of the system, warmed up with 200 calls at 100 cps, then
+``--seconds`` of sipp at ``--rate`` cps; the Kamailio CPU (utime+stime) per answered call
+split by process kind as ``kamcmd core.psx`` names them: SIP workers (udp receivers), the
+consumer process (rtimer) and the rest. Runs alternate A B B A A B ..., so a drift of
+the machine falls on both. Prints every run, then per system the mean and standard
+deviation, and the difference of the means with its standard error.
+
+    .venv/bin/python bench/ab.py kg-sync kg-sync-nostats [--runs 8] [--rate 1000]
+        [--seconds 8]
+
+Needs what compare.py needs (``bash tests/tools/services.sh --bench``).
+"""
+
+import argparse
+import collections
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import compare  # noqa: E402  (bench/compare.py: the systems, Kamailio, sipp)
+from compare import ALL_SYSTEMS, CTL, TICK, harness  # noqa: E402
+
+KINDS = ('workers', 'consumer', 'rest')
+
+
+def _ticks(pid):
+    with open('/proc/%d/stat' % pid) as f:
+        fields = f.read().rsplit(')', 1)[1].split()
+    return int(fields[11]) + int(fields[12])
+
+
+def process_kinds():
+    """{pid: kind} from the running Kamailio's ``core.psx``."""
+    out = subprocess.run(['kamcmd', '-s', CTL, 'core.psx'], capture_output=True, text=True,
+                         timeout=10).stdout
+    kinds, pid = {}, None
+    for line in out.splitlines():
+        key, _, value = line.strip().partition(':')
+        if key == 'PID':
+            pid = int(value)
+        elif key == 'DSC' and pid is not None:
+            value = value.lower()
+            kinds[pid] = ('workers' if 'udp receiver' in value else
+                          'consumer' if 'rtimer' in value else 'rest')
+    return kinds
+
+
+def run(system, rate, seconds, logdir, n):
+    kamailio = compare.BenchKamailio(os.path.join(logdir, '%03d-%s.log' % (n, system.name)),
+                                     system)
+    kamailio.start()
+    try:
+        harness.run_sipp(harness.invite_scenario(system.user, 302), system.user, calls=200,
+                         rate=100)
+        kinds = process_kinds()
+        before = {pid: _ticks(pid) for pid in kamailio.pids}
+        calls, result = compare.sipp(system.user, rate, seconds)
+        after = {pid: _ticks(pid) for pid in kamailio.pids}
+        health = kamailio.health()
+    finally:
+        kamailio.stop()
+    answered = result.counts.get('302', 0)
+    cpu = collections.Counter()
+    for pid in kamailio.pids:
+        cpu[kinds.get(pid, 'rest')] += after[pid] - before[pid]
+    per_call = {k: (cpu[k] / float(TICK) * 1e6 / answered if answered else None)
+                for k in KINDS}
+    total = sum(v for v in per_call.values() if v is not None) if answered else None
+    return dict(system=system.name, calls=calls, answered=answered, total=total,
+                p99=result.percentile(99), healthy=health is None, **per_call)
+
+
+def _mean_sd(values):
+    values = [v for v in values if v is not None]
+    if not values:
+        return None, None
+    mean = sum(values) / len(values)
+    if len(values) < 2:
+        return mean, None
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    p.add_argument('a', choices=sorted(ALL_SYSTEMS))
+    p.add_argument('b', choices=sorted(ALL_SYSTEMS))
+    p.add_argument('--runs', type=int, default=8, help='runs per system (default 8)')
+    p.add_argument('--rate', type=int, default=1000, help='offered cps (default 1000)')
+    p.add_argument('--seconds', type=float, default=8, help='per run (default 8)')
+    args = p.parse_args()
+    systems = [ALL_SYSTEMS[args.a], ALL_SYSTEMS[args.b]]
+    logdir = tempfile.mkdtemp(prefix='kg-ab-')
+    compare.declare_targeted()
+    responder = harness.Responder(os.path.join(logdir, 'responder.log'))
+    responder.start()
+    rows = collections.defaultdict(list)
+    try:
+        n = 0
+        for i in range(args.runs):
+            for system in (systems if i % 2 == 0 else systems[::-1]):
+                n += 1
+                row = run(system, args.rate, args.seconds, logdir, n)
+                rows[system.name].append(row)
+                print(json.dumps(row, default=lambda v: round(v, 1)), flush=True)
+    finally:
+        responder.stop()
+    print('\n%d runs each, %d cps x %gs; Kamailio CPU us per answered call, mean +- sd'
+          % (args.runs, args.rate, args.seconds))
+    means = {}
+    for name in (args.a, args.b):
+        cells = []
+        for k in ('total',) + KINDS:
+            mean, sd = _mean_sd([r[k] for r in rows[name]])
+            means[name, k] = mean, sd
+            cells.append('%s %s' % (k, 'n/a' if mean is None else '%.0f +- %.0f' % (
+                mean, sd or 0)))
+        failed = sum(r['calls'] - r['answered'] for r in rows[name])
+        print('%-18s %s; failed calls %d' % (name, ', '.join(cells), failed))
+    for k in ('total', 'workers', 'consumer'):
+        (ma, sa), (mb, sb) = means[args.a, k], means[args.b, k]
+        if ma is None or mb is None:
+            continue
+        se = math.sqrt(((sa or 0) ** 2 + (sb or 0) ** 2) / args.runs)
+        print('%s - %s, %s: %+.1f us (%+.1f%%), standard error %.1f us'
+              % (args.a, args.b, k, ma - mb, 100.0 * (ma - mb) / mb if mb else 0, se))
+    print('logs: %s' % logdir)
+
+
+if __name__ == '__main__':
+    main()
