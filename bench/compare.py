@@ -70,7 +70,7 @@ SYSTEMS_DIR = os.path.join(BENCH, 'systems')
 RESULTS_DIR = os.path.join(BENCH, 'results')
 MODULES_DIR = '/usr/lib/x86_64-linux-gnu/kamailio/modules'
 TICK = os.sysconf('SC_CLK_TCK')
-NODE = 'kamailio@kg-compare'          # kg-* node name (its async queue: NODE-async)
+NODE = 'kamailio@kg-compare'          # kg-* node name (its async queue: NODE-resume)
 KAZOO_NODE = 'kg-compare'             # c-kazoo's node_hostname (see c_kazoo.cfg)
 CTL = 'unix:/tmp/kazoo_green_compare_ctl'
 
@@ -107,10 +107,11 @@ class TLSNodeBroker(object):
 
 
 def _kg_ready(kamailio):
-    """The example's own readiness: consumer link up and its async queue consumed."""
+    """The example's own readiness: consumer link up and its resume queue consumed by
+    both consumer processes."""
     queues = TLSNodeBroker.queues if kamailio.system.broker else harness.rabbit_queues
     return ('consume link: connected' in kamailio.log()
-            and queues().get('%s-async' % NODE, (0, 0))[0] >= 1)
+            and queues().get('%s-resume' % NODE, (0, 0))[0] >= 2)
 
 
 def _c_kazoo_ready(kamailio):

@@ -3,7 +3,8 @@
 Answers on exchange ``callmgr`` (topic), routing key ``route.req``:
 
 * ``To`` starting with ``unknown``: a reply without ``Route`` (Kamailio answers 404);
-* ``To`` starting with ``slow``: the reply comes after 5 s (past the query timeout: 503);
+* ``To`` starting with ``slow`` or ``asynclate``: the reply comes after 5 s (past the query
+  timeout: 503);
 * anyone else: ``Route: sip:<To>@127.0.0.1:5090`` (302 with that Contact).
 
 Brokers come from ``KAZOO_GREEN_BROKERS`` (``;``-separated, ``zone=NAME;`` before a
@@ -37,7 +38,7 @@ def route_req(request, meta):
     reply = {'Event-Category': 'route', 'Event-Name': 'resp'}
     if user.startswith('unknown'):
         kz.respond(request, reply, meta)
-    elif user.startswith('slow'):
+    elif user.startswith(('slow', 'asynclate')):
         gevent.spawn_later(SLOW_SECONDS, _late_reply, request, meta,
                            dict(reply, Route='sip:%s@127.0.0.1:5090' % user))
     else:

@@ -21,6 +21,8 @@ _COUNTERS = (
     ('queries_ok', 'queries answered'),
     ('queries_timeout', 'queries that reached their deadline'),
     ('queries_failed', 'queries failed otherwise (connection lost, unroutable)'),
+    ('async_late', 'async replies that came after their deadline: not resumed (tm answered '
+                   'the transaction through on_timeout)'),
     ('replies_unmatched', 'replies that matched no waiting query (late, copies, or foreign '
                           'where no event-route workers run)'),
     ('unsolicited', 'messages on a reply queue answering no query, run as events'),

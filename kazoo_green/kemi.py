@@ -31,14 +31,19 @@ every child; SIP workers use the caller-driven mode (nothing runs there between 
 messages); the rtimer process runs the background readers, the event-route workers and
 the async resumes forever.
 
-Async queries go through a reply queue shared by the Kamailio instance, named
-``<node>-async`` (single active consumer): every process declares it (bound to
-``targeted``) before its first request, so a reply always finds it. The SIP worker suspends the transaction, then sends
-the consumer process a notice (transaction, methods, deadline) through that queue and
-publishes the request. The consumer process resumes the transaction with
-``t_continue`` into ``on_reply`` when the reply comes, or into ``on_timeout`` at the
-deadline. Resume details also travel in the ``Msg-ID``, so a reply is resumed by
-whichever consumer process gets it.
+Async queries: the SIP worker creates the transaction, arms tm's own timer for it
+(``t_set_fr``, the query's timeout) with a failure route that resumes into ``on_timeout``,
+suspends it (``t_suspend``) and publishes the request, one message. Everything a resume
+needs travels in the request's ``Msg-ID`` (transaction, methods, deadline, when it was
+sent), so the reply alone is enough: it comes back through the instance's queue
+``<node>-resume`` (bound to ``targeted``, declared by every process before its first
+request), which every consumer process reads (``kazoo_consumer``, and any number of
+``kazoo_resumer`` processes: ``rtimer`` ``mode=N``); the broker spreads the replies
+over them (acks after the resume, a bounded prefetch: a busy process gets no more, a
+dead one's are redelivered to another). A reply after its deadline is not resumed (tm
+answered it through ``on_timeout``; counted ``async_late``). No reply: tm's timer fires
+in its own process and the failure route runs ``on_timeout``, whether or not a consumer
+process is alive.
 """
 
 import functools
@@ -63,8 +68,13 @@ log = logging.getLogger('kazoo_green')
 
 _METHOD = re.compile(r'[A-Za-z_][A-Za-z0-9_]{0,63}')
 _ASYNC_PREFIX = 'kgasync'
-# How long a resumed Msg-ID is remembered, to drop a notice that comes after its reply.
+#: The failure route tm runs at an async query's deadline: ``Handler`` resolves
+#: ``kazoo_timeout_<on_timeout>`` to a call of ``on_timeout`` with ``reply_error()`` set.
+_TIMEOUT_ROUTE = 'kazoo_timeout_'
+# How long a resumed Msg-ID is remembered, to drop a second copy of its reply.
 _DONE_TTL = 60.0
+#: Unacked replies a consumer process holds: more go to the others.
+ASYNC_PREFETCH = 32
 
 
 def _ksr():
@@ -134,10 +144,8 @@ class Kazoo(runtime.Kazoo):
         # SIP workers wait for replies in poll(2): nothing else runs there anyway.
         kwargs.setdefault('blocking', True)
         super(Kazoo, self).__init__(brokers, **kwargs)
-        self.async_queue = '%s-async' % self.node
+        self.async_queue = '%s-resume' % self.node
         self._resume = _Resume()
-        self._async_pending = {}   # Msg-ID -> its deadline's timer
-        self._async_sent = {}      # Msg-ID -> (exchange, when it was sent)
         self._async_done = set()   # Msg-IDs resumed in the last _DONE_TTL seconds
         self._async_done_order = deque()  # (time, Msg-ID), oldest first
         self._consuming_async = False
@@ -151,19 +159,17 @@ class Kazoo(runtime.Kazoo):
 
     # -- both sides -----------------------------------------------------
     def _declare_async_queue(self, conn, channel=None):
-        """Declare and bind the instance's async queue: on ``channel`` and waiting for
+        """Declare and bind the instance's resume queue: on ``channel`` and waiting for
         the broker (consumer side), or else (SIP workers, where it is only there so the
         first replies find it) on a channel of its own, waiting at most
         REPLY_QUEUE_WAIT: a cluster with a frozen node stalls declarations, and sync
         queries on this connection must not wait for that."""
         wait = channel is not None or not self._pub_link.supports_amqp
         channel = channel or (conn.channel() if not wait else self._publisher.channel)
-        # Single active consumer: with several consumer processes (rtimer mode=N) the
-        # notice and the reply of one query still reach the same process, the one that
-        # holds its timer; another takes over if that one goes away.
+        # One queue for every consumer process of the instance (the broker spreads the
+        # replies over them): any of them can resume any transaction.
         channel.queue_declare(queue=self.async_queue, durable=False, exclusive=False,
-                              auto_delete=False, nowait=not wait,
-                              arguments={'x-single-active-consumer': True})
+                              auto_delete=False, nowait=not wait)
         channel.queue_bind(queue=self.async_queue, exchange=self._replies.targeted_exchange,
                            routing_key=self.async_queue, nowait=not wait)
         if not wait and not done_within(channel, D.REPLY_QUEUE_WAIT):
@@ -179,11 +185,13 @@ class Kazoo(runtime.Kazoo):
                     timeout=None, headers=None):
         """Suspend the current transaction and query; resume into a method of the handler.
 
-        ``on_reply`` runs (in the consumer process) when the reply arrives: read it with
-        ``reply()``. ``on_timeout`` runs when none came within ``timeout`` seconds, or at
-        once (in this process) if the request could not be sent; ``reply_error()`` says
-        why. Returns the request's Msg-ID. Raises KazooError if the transaction cannot be
-        suspended (nothing was sent then).
+        ``on_reply`` runs (in a consumer process) when the reply arrives: read it with
+        ``reply()``. ``on_timeout`` runs when none came within ``timeout`` seconds (tm's
+        timer: in Kamailio's timer process, as a failure route), or at once (in this
+        process) if the request could not be sent; ``reply_error()`` says why. The
+        transaction's failure route is taken for this (``t_on_failure``). Returns the
+        request's Msg-ID. Raises KazooError if the transaction cannot be suspended
+        (nothing was sent then).
         """
         for name in (on_reply, on_timeout):
             if not isinstance(name, str) or not _METHOD.fullmatch(name):
@@ -191,38 +199,40 @@ class Kazoo(runtime.Kazoo):
         timeout = self._timeout(timeout, self.query_timeout)
         message = self._message(payload)
         KSR = _ksr()
-        self.kamailio_stats.check()
-        if KSR.tm.t_newtran() < 0:
+        stats = self.kamailio_stats
+        if not stats._checked:
+            stats.check()
+        tm = KSR.tm
+        if tm.t_newtran() < 0:
             raise KazooError('cannot create the transaction for an async query')
-        index = int(KSR.pv.get('$T(id_index)'))
-        label = int(KSR.pv.get('$T(id_label)'))
+        pv = KSR.pv
+        index = int(pv.get('$T(id_index)'))
+        label = int(pv.get('$T(id_label)'))
+        # The deadline is tm's: t_suspend adds a branch whose final-response timer is
+        # this one; when it fires, tm runs the failure route (Handler: on_timeout).
+        ms = max(1, int(timeout * 1000))
+        if tm.t_set_fr(ms, ms) < 0 or tm.t_on_failure(_TIMEOUT_ROUTE + on_timeout) < 0:
+            raise KazooError('cannot set the timeout of the async query\'s transaction')
         if KSR.tmx.t_suspend() < 0:
             raise KazooError('cannot suspend the transaction for an async query')
-        deadline_ms = int((monotonic() + timeout) * 1000)
-        msg_id = '%s:%d:%d:%s:%s:%d:%s' % (_ASYNC_PREFIX, index, label, on_reply, on_timeout,
-                                           deadline_ms, new_msg_id())
+        now = monotonic()
+        msg_id = '%s:%d:%d:%s:%s:%d:%d:%s:%s' % (
+            _ASYNC_PREFIX, index, label, on_reply, on_timeout, int((now + timeout) * 1000),
+            int(now * 1000000), new_msg_id(), exchange)
         message['Msg-ID'] = msg_id
         message['Server-ID'] = self.async_queue
         props = {'correlation_id': msg_id, 'reply_to': self.async_queue}
         self._stats.queries += 1   # as query(): every one asked, sent or not
         try:
-            deadline = monotonic() + timeout
-            # Check the exchange first: a notice for a request that cannot go out would
-            # make the consumer resume this transaction a second time.
-            self._pub_link.ensure(deadline)
+            self._pub_link.ensure(now + timeout)
             self._publisher.verify(exchange)
-            # Notice first, in the same write: the consumer process must hold the
-            # transaction before the reply can come.
-            self._publisher.send_together((
-                ('', self.async_queue, dumps({'kg-async': msg_id, 'kg-exchange': exchange,
-                                              'kg-sent': int(monotonic() * 1000000)}),
-                 None, None, False),
-                (exchange, routing_key, dumps(message), headers, props, False)))
+            self._publisher._send(exchange, routing_key, dumps(message), headers, props,
+                                  False)
         except KazooError as exc:
             self._stats.queries_failed += 1
             log.warning('async query to %r/%r not sent: %s', exchange, routing_key, exc)
             self._continue(index, label, on_timeout, None, 'not sent: %s' % exc)
-        self.kamailio_stats.write()
+        stats.write()
         return msg_id
 
     def reply(self):
@@ -236,8 +246,8 @@ class Kazoo(runtime.Kazoo):
     def _continue(self, index, label, method, reply, error, expected=True):
         """t_continue into ``method``; returns whether the transaction was resumed.
 
-        ``expected=False`` (timeouts): another consumer process may have resumed the
-        transaction with its reply already, so a refusal is normal there.
+        ``expected=False``: tm may have answered the transaction at its deadline
+        already, so a refusal is normal there.
         """
         resume = self._resume
         resume.reply, resume.error = reply, error
@@ -254,9 +264,32 @@ class Kazoo(runtime.Kazoo):
         finally:
             resume.reply = resume.error = None
 
-    def _time_out(self, index, label, method):
-        if self._continue(index, label, method, None, 'timeout', expected=False):
-            self._stats.queries_timeout += 1
+    def connect_now(self):
+        """Connect the publishing link now (``child_init`` of a SIP worker), waiting at
+        most the connect timeout; a broker that cannot be reached is only logged (the
+        first call tries again). Never raises."""
+        try:
+            self._pub_link.ensure(monotonic() + self._pub_link.connect_timeout)
+        except KazooError as exc:
+            log.warning('no broker at start (pid %d): %s; the first call connects',
+                        os.getpid(), exc)
+        except Exception:
+            log.exception('connecting at start failed')
+
+    def timed_out(self, method, msg):
+        """tm's failure route at an async query's deadline (see ``Handler``): ``method``
+        of ``handler`` with ``reply_error()`` 'timeout'."""
+        stats = self.kamailio_stats
+        if not stats._checked:
+            stats.check()
+        self._stats.queries_timeout += 1
+        resume = self._resume
+        resume.error = 'timeout'
+        try:
+            return method(msg)
+        finally:
+            resume.error = None
+            stats.write()
 
     # -- consumer process side -----------------------------------------
     def _async_consumer(self, link):
@@ -265,87 +298,82 @@ class Kazoo(runtime.Kazoo):
                 return
             channel = conn.channel()
             self._declare_async_queue(conn, channel)
-            link.consume(channel, self.async_queue, 'kg-async', self._on_async_message, True)
+            channel.basic_qos(0, ASYNC_PREFETCH, False)
+
+            def on_message(raw):
+                self._on_async_message(raw, link, channel)
+            link.consume(channel, self.async_queue, 'kg-async', on_message, False)
         return consume_async_queue
 
-    def _on_async_message(self, message):
+    def _on_async_message(self, message, link=None, channel=None):
         """Runs in the reading greenlet: hand every resume to a worker. Never raises."""
+        tag = getattr(message, 'delivery_tag', None)
         try:
             bad = getattr(message, 'bad', None)
             if bad:
                 raise BadMessage(bad)
             payload = loads_payload(message.body)
         except BadMessage as exc:
-            # Which transaction it was for is unknown (or untrusted): it is resumed into
+            # Which transaction it was for is unknown (or untrusted): tm resumes it into
             # on_timeout at its deadline.
             self._stats.bad_input += 1
             _logs.bad_input.warning('bad message on %s (%d bytes): %s', self.async_queue,
                                     len(message.body or b''), exc)
+            self._ack(link, channel, tag)
             return
         stamp_received(payload, self.zone)   # as consumed messages and sync replies
-        notice = payload.get('kg-async')
-        if notice is not None:
-            if isinstance(notice, str):
-                self._on_notice(notice, payload.get('kg-exchange'), payload.get('kg-sent'))
-            return
         msg_id = message.properties.get('correlation_id') or payload.get('Msg-ID')
         info = _parse_async_id(msg_id)
         if info is None:
             self._stats.replies_unmatched += 1
             _logs.bad_input.warning('reply on %s without an async Msg-ID: %s',
                                     self.async_queue, _logs.short(msg_id))
+            self._ack(link, channel, tag)
             return
-        self._finish(msg_id, info, payload)
+        self._finish(msg_id, info, payload, link, channel, tag)
 
-    def _on_notice(self, msg_id, exchange=None, sent=None):
-        info = _parse_async_id(msg_id)
-        if info is None or msg_id in self._async_done:
-            return
-        delay = max(0.0, info[4] - monotonic())
-        old = self._async_pending.pop(msg_id, None)
-        if old is not None:
-            old.close()
-        timer = gevent.get_hub().loop.timer(delay)
-        timer.start(self._expired, msg_id)
-        self._async_pending[msg_id] = timer
-        if isinstance(exchange, str) and isinstance(sent, int):
-            # For the query_seconds histogram: the SIP worker's clock (CLOCK_MONOTONIC is
-            # one clock for every process of the machine).
-            self._async_sent[msg_id] = (exchange, sent / 1000000.0)
-
-    def _expired(self, msg_id):
-        """A hub callback: must not block, so the resume goes to a worker."""
-        timer = self._async_pending.pop(msg_id, None)
-        if timer is None:
-            return
-        timer.close()
-        self._async_sent.pop(msg_id, None)
-        info = _parse_async_id(msg_id)
-        self._mark_done(msg_id)
-        self.dispatcher.submit(self._time_out, (info[0], info[1], info[3]))
-
-    def _finish(self, msg_id, info, payload):
-        index, label, on_reply, on_timeout, deadline = info
-        timer = self._async_pending.pop(msg_id, None)
-        if timer is not None:
-            timer.close()
-        sent = self._async_sent.pop(msg_id, None)
+    def _finish(self, msg_id, info, payload, link=None, channel=None, tag=None):
+        index, label, on_reply, on_timeout, deadline, sent, exchange = info
         if msg_id in self._async_done:
-            self._stats.replies_unmatched += 1  # a second reply, or after the timeout
+            self._stats.replies_unmatched += 1  # a second copy
+            self._ack(link, channel, tag)
             return
-        self._mark_done(msg_id)
-        if monotonic() > deadline:
-            self._stats.replies_unmatched += 1
-            self.dispatcher.submit(self._time_out, (index, label, on_timeout))
-            return
-        self._stats.queries_ok += 1
-        if sent is not None:
-            self._stats.observe('query_seconds', sent[0], monotonic() - sent[1])
-        self.dispatcher.submit(self._continue, (index, label, on_reply, payload, None))
-
-    def _mark_done(self, msg_id):
-        done, order = self._async_done, self._async_done_order
         now = monotonic()
+        if now > deadline:
+            # tm answers it (answered) through on_timeout: shed, do not resume late.
+            self._stats.async_late += 1
+            self._ack(link, channel, tag)
+            return
+        self._mark_done(msg_id, now)
+        self._stats.queries_ok += 1
+        self._stats.observe('query_seconds', exchange, now - sent)
+        self.dispatcher.submit(self._resume_reply,
+                               (index, label, on_reply, payload, link, channel, tag))
+
+    def _resume_reply(self, index, label, method, payload, link, channel, tag):
+        try:
+            self._continue(index, label, method, payload, None, expected=False)
+        finally:
+            self._ack(link, channel, tag)
+
+    def _ack(self, link, channel, tag):
+        """Ack one delivery of the resume queue (after its resume). Never raises."""
+        if link is None or tag is None:
+            return
+        if not link.connected or channel is None or not getattr(channel, 'is_open', True):
+            return   # the broker has requeued it with the connection: another resumes it
+        try:
+            fast = link.fast
+            if fast is not None:
+                link.write(fast.ack, channel.channel_id, tag)
+            else:
+                link.write(channel.basic_ack, tag, False)
+        except KazooError as exc:
+            self._stats.ack_failed += 1
+            log.warning('cannot ack a reply on %s: %s', self.async_queue, exc)
+
+    def _mark_done(self, msg_id, now):
+        done, order = self._async_done, self._async_done_order
         while order and now - order[0][0] > _DONE_TTL:  # oldest first: O(1) each
             done.discard(order.popleft()[1])
         done.add(msg_id)
@@ -353,26 +381,26 @@ class Kazoo(runtime.Kazoo):
 
     def after_fork(self):
         """In ``child_init``: nothing inherited from the parent is used (no I/O here)."""
-        self._async_pending = {}
-        self._async_sent = {}
         self._async_done = set()
         self._async_done_order = deque()
         self.kamailio_stats.forked()
 
     def stop(self, timeout=None):
         self.kamailio_stats.stop()
-        pending, self._async_pending = self._async_pending, {}
-        self._async_sent = {}
-        for timer in pending.values():
-            timer.close()
         if timeout is None:
             super(Kazoo, self).stop()
         else:
             super(Kazoo, self).stop(timeout)
 
-    def run_consumer(self):
-        """The consumer process's body (from rtimer): never returns."""
+    def run_consumer(self, subscriptions=True):
+        """A consumer process's body (from rtimer): never returns. ``subscriptions=False``
+        (``kazoo_resumer``): only async resumes, the subscriptions are left to the
+        ``kazoo_consumer`` process."""
         self._consuming_async = True
+        if not subscriptions:
+            for z in self.zones.values():
+                for feed in z.feeds:
+                    feed.subscriber.subscriptions = []
         self.kamailio_stats.check()
         self.start()
         for feed in self.zones[self.zone].feeds:
@@ -383,16 +411,18 @@ class Kazoo(runtime.Kazoo):
 
 
 def _parse_async_id(msg_id):
-    """(index, label, on_reply, on_timeout, deadline) from an async Msg-ID, or None."""
+    """(index, label, on_reply, on_timeout, deadline, sent, exchange) from an async Msg-ID
+    (times: monotonic seconds), or None."""
     if not isinstance(msg_id, str) or not msg_id.startswith(_ASYNC_PREFIX + ':'):
         return None
-    parts = msg_id.split(':')
-    if len(parts) != 7:
+    parts = msg_id.split(':', 8)
+    if len(parts) != 9:
         return None
     if not (_METHOD.fullmatch(parts[3]) and _METHOD.fullmatch(parts[4])):
         return None   # only handler methods named as async_query allows are resumed into
     try:
-        return int(parts[1]), int(parts[2]), parts[3], parts[4], int(parts[5]) / 1000.0
+        return (int(parts[1]), int(parts[2]), parts[3], parts[4], int(parts[5]) / 1000.0,
+                int(parts[6]) / 1000000.0, parts[8])
     except ValueError:
         return None
 
@@ -407,10 +437,27 @@ class Handler(object):
     def child_init(self, rank):
         gevent.reinit()
         self.kz.after_fork()
+        if rank > 0:   # a SIP worker: its first calls must not pay for the connection
+            self.kz.connect_now()
         return 0
 
     def kazoo_consumer(self, msg, evname=None):
-        """Name this in rtimer (``route=kazoo_consumer``): runs the consumer forever."""
+        """Name this in rtimer (``route=kazoo_consumer``): runs the consumer forever
+        (subscriptions and async resumes)."""
         log.info('consumer process %d started', os.getpid())
         self.kz.run_consumer()
         return 1
+
+    def kazoo_resumer(self, msg, evname=None):
+        """Name this in rtimer (``route=kazoo_resumer``, ``mode=N``): N more processes
+        that resume async queries (no subscriptions), forever."""
+        log.info('resumer process %d started', os.getpid())
+        self.kz.run_consumer(subscriptions=False)
+        return 1
+
+    def __getattr__(self, name):
+        # tm's failure route at an async query's deadline: kazoo_timeout_<on_timeout>.
+        if name.startswith(_TIMEOUT_ROUTE):
+            method = getattr(self, name[len(_TIMEOUT_ROUTE):])
+            return functools.partial(self.kz.timed_out, method)
+        raise AttributeError(name)

@@ -27,6 +27,9 @@ What is simulated, and how:
 * ``tm.t_newtran()`` and ``tmx.t_suspend()`` give the current request a transaction
   ``(index, label)`` (``$T(id_index)``, ``$T(id_label)``); the transaction keeps its
   request, so a ``$ru`` set after a resume is that transaction's own.
+* ``tm.t_set_fr(fr_inv, fr)`` and ``tm.t_on_failure(name)`` are kept by the transaction:
+  a suspended one still suspended ``fr`` ms later runs ``getattr(fake.handler, name)(msg)``
+  (tm's failure route; a greenlet timer here), then gets a 408 unless it replied.
 * ``tmx.t_continue(index, label, method)`` runs ``getattr(fake.handler, method)(msg)``
   synchronously, with the transaction's request current, once: a transaction that is
   not suspended (never was, or already continued) gives -1. Every call is recorded in
@@ -117,6 +120,9 @@ class Transaction(object):
         self.suspended = False
         self.resumed = False
         self.final_code = None
+        self.fr = None           # t_set_fr's final-response timeout, seconds
+        self.on_failure = None   # t_on_failure's route
+        self.expired = False     # the timer fired while it was suspended
 
     def __repr__(self):
         state = 'suspended' if self.suspended else 'resumed' if self.resumed else 'active'
@@ -215,6 +221,22 @@ class _TM(_Api):
     def t_reply(self, code, reason):
         return self._fake._reply('tm', 'tm.t_reply', code, reason)
 
+    def t_set_fr(self, fr_inv, fr):
+        fake = self._fake
+        forced = fake._call('tm.t_set_fr', fr_inv, fr)
+        if forced is not None:
+            return forced
+        fake._transaction().fr = fr / 1000.0
+        return 1
+
+    def t_on_failure(self, name):
+        fake = self._fake
+        forced = fake._call('tm.t_on_failure', name)
+        if forced is not None:
+            return forced
+        fake._transaction().on_failure = str(name)
+        return 1
+
     def t_send_reply(self, code, reason):
         return self._fake._reply('tm', 'tm.t_send_reply', code, reason)
 
@@ -227,6 +249,10 @@ class _TMX(_Api):
             return forced
         t = fake._transaction()
         t.suspended = True
+        if t.fr is not None:
+            # tm's final-response timer on the blind branch t_suspend adds.
+            import gevent
+            gevent.spawn_later(t.fr, fake._expire, t)
         return 1
 
     def t_continue(self, index, label, method):
@@ -389,6 +415,25 @@ class FakeKSR(object):
 
     def _log(self, level, text):
         self.logs.append((level, text))
+
+    def _expire(self, t):
+        """tm's timer fired: a still-suspended transaction runs its failure route (in
+        Kamailio: in the timer process), then gets a 408 unless the route replied."""
+        if not t.suspended:
+            return
+        t.suspended = False
+        t.expired = True
+        previous, self.msg = self.msg, t.msg
+        try:
+            if t.on_failure:
+                getattr(self.handler, t.on_failure)(t.msg)
+        except Exception as exc:
+            self.errors.append(exc)
+            self._log('err', 'exception in %s: %s' % (t.on_failure, traceback.format_exc()))
+        finally:
+            if t.final_code is None:
+                self._reply('tm', 'tm.timeout', 408, 'Request Timeout')
+            self.msg = previous
 
     def _transaction(self):
         msg = self.msg

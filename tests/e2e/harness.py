@@ -127,10 +127,12 @@ class Kamailio(object):
         self.proc = subprocess.Popen(['kamailio', '-f', KAMAILIO_CFG, '-DD', '-E', '-m', '256'],
                                      cwd=ROOT, env=env, stdout=self._log,
                                      stderr=subprocess.STDOUT)
-        async_queue = '%s-async' % self.node
+        # Ready once both consumer processes (kazoo_consumer, kazoo_resumer) read the
+        # resume queue.
+        async_queue = '%s-resume' % self.node
         ready = wait_until(lambda: self.proc.poll() is not None or (
             'consume link: connected' in self.log()
-            and self.queues().get(async_queue, (0, 0))[0] >= 1), timeout)
+            and self.queues().get(async_queue, (0, 0))[0] >= 2), timeout)
         if not ready or self.proc.poll() is not None:
             raise RuntimeError('Kamailio did not start; see %s' % self.log_path)
         time.sleep(0.5)

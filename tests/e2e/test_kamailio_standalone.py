@@ -66,15 +66,12 @@ def test_one_standalone_broker_killed_under_load_only_calls_in_flight_fail(kamai
     for user, result in zip(('sabob', 'asyncsabob'), results):
         print('\nstandalone kill, %s: %r' % (user, result))
         answered = result.counts.get('302', 0) + result.counts.get('503', 0)
-        # Sync: every call is answered; at most the calls in flight when the broker died
-        # (and a worker's next call, which finds its connection dead) get 503.
-        # Async: a call suspended in flight on the dead broker may stay unanswered: its
-        # notice to the consumer process and its reply were on that broker (sipp counts
-        # it failed). Known; the async redesign of issue #15 keeps the deadline without
-        # a message through the broker.
+        # Every call is answered; at most the calls in flight when the broker died (and a
+        # worker's next call, which finds its connection dead) get 503. Async too: tm's
+        # timer keeps each deadline, whatever the broker lost.
         lost = seconds * rate - answered
         assert result.successful + result.failed == seconds * rate, result
-        assert lost == result.failed and (lost == 0 or user.startswith('async')), result
+        assert lost == result.failed == 0, result
         assert result.counts.get('503', 0) + lost <= 50, result
     # Everything now goes through node 2, with node 1 still dead.
     assert not nodes.alive(1)
