@@ -1,6 +1,6 @@
 """kazoo_green against Kamailio's C modules: same responder, same SIP load, one run.
 
-Six systems, each a Kamailio started from its own config, answer the same INVITE
+Eight systems, each a Kamailio started from its own config, answer the same INVITE
 (R-URI user -> query ``callmgr``/``route.req`` -> 302 to ``sip:<user>@127.0.0.1:5090``),
 one at a time, restarted for every measurement (only one can hold 127.0.0.1:5060):
 
@@ -12,6 +12,13 @@ one at a time, restarted for every measurement (only one can hold 127.0.0.1:5060
     py-bound    bench/systems/bound.cfg, kg-sync's routing with a hand-written query (no
                 layers, no error handling): the least a sync query in Python can cost
     floor       bench/systems/floor.cfg, app_python3 answering without any AMQP
+    http-async  bench/systems/http_async.cfg, the same decision over HTTP instead of
+                AMQP: http_async_client (suspend/resume, as kg-async) asking
+                bench/http_responder.py (started here)
+    sql         bench/systems/sqlops.cfg, the same decision read from PostgreSQL with
+                sqlops in the SIP worker (as kg-sync); table kg_bench_routes, created
+                here in the database of KG_BENCH_DB_URL (default
+                postgres://postgres@127.0.0.1:5432/test)
 
 and, only when asked for with --systems, kg-sync and kg-async against the TLS node of
 tests/tls.py (booted here), once through its TLS listener and once through its plain
@@ -28,7 +35,9 @@ systems) and the local RabbitMQ. Per system:
 answered/failed calls at fixed offered rates (systems alternate within each rate, so
 ratios hold on a noisy machine), the highest offered rate without a failure (steps up
 x1.25 until failures, then bisects), p50/p99 response time and Kamailio CPU µs per call
-(utime+stime of every Kamailio process / answered calls) at the reference rate, peak RSS
+(utime+stime of every Kamailio process / answered calls) at the reference rate, every
+answered call's response time over the run at the reference rate (the plot's
+latency-over-time panels: a stall shows as a spike or a gap), peak RSS
 and PSS (sums over Kamailio's processes), whether Kamailio kept all its processes, and for
 kg-sync (``--survival all``: every system) whether it survives 3x its own clean rate for
 30 s and then answers a 200 cps run completely ("recovered"). Every measurement starts
@@ -37,9 +46,9 @@ runs the C module's sync ``kazoo_query`` (bench/systems/c_kazoo_sync.cfg) and re
 happens to it (Debian's 5.6.3 crashes).
 
 Prints a Markdown table plus ratios against c-kazoo, and writes it to
-bench/results/compare-<timestamp>.md with a plot (.png; needs matplotlib from
-bench/requirements.txt). Needs RabbitMQ, Kamailio, sipp and the C modules:
-``bash tests/tools/services.sh --bench``.
+bench/results/compare-<timestamp>.md with two plots (.png, -latency.png; need matplotlib
+from bench/requirements.txt). Needs RabbitMQ, Kamailio, sipp, the C modules,
+http_async_client, db_postgres and a PostgreSQL: ``bash tests/tools/services.sh --bench``.
 
     .venv/bin/python bench/compare.py [--quick] [--systems kg-sync,c-kazoo,...]
         [--rates 500,1000,2000] [--seconds 10] [--ref-rate 1000] [--search-seconds 5]
@@ -73,6 +82,8 @@ TICK = os.sysconf('SC_CLK_TCK')
 NODE = 'kamailio@kg-compare'          # kg-* node name (its async queue: NODE-resume)
 KAZOO_NODE = 'kg-compare'             # c-kazoo's node_hostname (see c_kazoo.cfg)
 CTL = 'unix:/tmp/kazoo_green_compare_ctl'
+HTTP_PORT = 8091                      # bench/http_responder.py
+DB_URL = os.environ.get('KG_BENCH_DB_URL', 'postgres://postgres@127.0.0.1:5432/test')
 
 
 class TLSNodeBroker(object):
@@ -133,6 +144,11 @@ SYSTEMS = collections.OrderedDict((s.name, s) for s in (
            None, 'rabbitmq'),
     System('py-bound', os.path.join(SYSTEMS_DIR, 'bound.cfg'), 'benchuser', None, None),
     System('floor', os.path.join(SYSTEMS_DIR, 'floor.cfg'), 'benchuser', None, None),
+    System('http-async', os.path.join(SYSTEMS_DIR, 'http_async.cfg'), 'benchuser', None,
+           'http_async_client', None,
+           {'KG_BENCH_HTTP_URL': 'http://127.0.0.1:%d/route/' % HTTP_PORT}),
+    System('sql', os.path.join(SYSTEMS_DIR, 'sqlops.cfg'), 'benchuser', None, 'db_postgres',
+           None, {'KG_BENCH_SQLCON': 'kg=>' + DB_URL}),
 ))
 #: Run only when named in --systems.
 TLS_SYSTEMS = collections.OrderedDict((s.name, s) for s in (
@@ -260,9 +276,13 @@ def measure(kamailio, user, rate, seconds):
     answered = result.counts.get('302', 0)
     # A process that died took its CPU time with it: no figure rather than a wrong one.
     whole = kamailio.health() is None
+    start = min(result.completed_ms) if result.completed_ms else 0
     return {'offered': rate, 'calls': calls, 'answered': answered, 'failed': calls - answered,
             'p50': result.percentile(50), 'p99': result.percentile(99),
-            'cpu_us': cpu_s * 1e6 / answered if answered and whole else None}
+            'cpu_us': cpu_s * 1e6 / answered if answered and whole else None,
+            # (seconds since the first completed call, response ms) per answered call
+            'series': [((t - start) / 1000.0, ms) for t, ms in
+                       zip(result.completed_ms, result.response_ms)]}
 
 
 class Bench(object):
@@ -341,6 +361,8 @@ class Bench(object):
 
         def work(kamailio):
             over = measure(kamailio, system.user, rate, seconds)
+            over.update(system=system.name, phase='survival')
+            self.runs[system.name].append(over)
             alive = kamailio.health()
             after = measure(kamailio, system.user, 200, 5) if alive is None else None
             return over, alive, after
@@ -377,6 +399,53 @@ def probe_sync_kazoo(logdir):
         return 'survived: %d/5 INVITEs answered 302' % answered
     return '%s: %d/5 answered; %s (log %s)' % (
         'crashed (segfault)' if crashed else 'unhealthy', answered, health, kamailio.log_path)
+
+
+class HttpResponder(object):
+    """bench/http_responder.py in a subprocess, on 127.0.0.1:HTTP_PORT."""
+
+    def __init__(self, log_path):
+        self.log_path, self.proc = log_path, None
+
+    def start(self):
+        if _http_answers():
+            sys.exit('something already answers HTTP on 127.0.0.1:%d' % HTTP_PORT)
+        self._log = open(self.log_path, 'a')
+        self.proc = subprocess.Popen([harness.PYTHON, os.path.join(BENCH, 'http_responder.py'),
+                                      '--port', str(HTTP_PORT)], cwd=harness.ROOT,
+                                     stdout=self._log, stderr=subprocess.STDOUT)
+        if not harness.wait_until(_http_answers, 30):
+            self.stop()
+            sys.exit('bench/http_responder.py did not start; see %s' % self.log_path)
+
+    def stop(self):
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(10)
+            self.proc = None
+
+
+def _http_answers():
+    import urllib.request
+    try:
+        with urllib.request.urlopen('http://127.0.0.1:%d/route/probe' % HTTP_PORT,
+                                    timeout=1) as r:
+            return r.status == 200
+    except OSError:
+        return False
+
+
+def sql_routes(users):
+    """Table kg_bench_routes (username -> route) as the responder would answer, for
+    ``users``, in the database of DB_URL (through psql)."""
+    rows = ', '.join("('%s', 'sip:%s@127.0.0.1:5090')" % (u, u) for u in users)
+    sql = ('CREATE TABLE IF NOT EXISTS kg_bench_routes (username text PRIMARY KEY, '
+           'route text NOT NULL); INSERT INTO kg_bench_routes VALUES %s ON CONFLICT '
+           '(username) DO UPDATE SET route = EXCLUDED.route;' % rows)
+    out = subprocess.run(['psql', '-v', 'ON_ERROR_STOP=1', '-q', DB_URL, '-c', sql],
+                         capture_output=True, text=True)
+    if out.returncode:
+        sys.exit('cannot create kg_bench_routes in %s: %s' % (DB_URL, out.stderr.strip()))
 
 
 def declare_targeted():
@@ -432,8 +501,10 @@ def report(args, systems, clean, survival, bench, probe, started, elapsed):
                   ('< %d' % args.search_start if s.name in clean else '-'),
                   '%s / %s' % (_fmt(r and r['p50'], '%g'), _fmt(r and r['p99'], '%g')),
                   _fmt(r and r['cpu_us']),
-                  '%s / %s' % (_fmt(max([x['rss_mb'] for x in runs]) if runs else None),
-                               _fmt(max([x['pss_mb'] for x in runs]) if runs else None)),
+                  '%s / %s' % (_fmt(max([x['rss_mb'] for x in runs if 'rss_mb' in x] or
+                                        [None])),
+                               _fmt(max([x['pss_mb'] for x in runs if 'pss_mb' in x] or
+                                        [None]))),
                   'yes' if not bench.trouble[s.name] else 'NO: ' + '; '.join(
                       bench.trouble[s.name]),
                   survival.get(s.name, 'not run')]
@@ -512,6 +583,50 @@ def plot(path, args, systems, bench):
     return path
 
 
+def _per_second_p99(series):
+    buckets = collections.defaultdict(list)
+    for t, ms in series:
+        buckets[int(t)].append(ms)
+    seconds = sorted(buckets)
+    return [s + 0.5 for s in seconds], [
+        sorted(buckets[s])[int(round(0.99 * (len(buckets[s]) - 1)))] for s in seconds]
+
+
+def plot_latency(path, args, systems, bench):
+    """Per system, every answered call's response time against when it completed: at
+    the reference rate and, where it ran, during the 3x-clean-rate survival run."""
+    import matplotlib.pyplot as plt
+    phases = [('fixed', args.ref_rate, '%d cps offered, %d s' % (args.ref_rate, args.seconds))]
+    if any(r['phase'] == 'survival' for runs in bench.runs.values() for r in runs):
+        phases.append(('survival', None, '3x the clean rate, %d s' % args.survival_seconds))
+    fig, axes = plt.subplots(len(systems), len(phases), squeeze=False, sharey=True,
+                             figsize=(6.5 * len(phases), 2.2 * len(systems) + 0.6))
+    for row, s in enumerate(systems):
+        for col, (phase, rate, title) in enumerate(phases):
+            ax = axes[row][col]
+            r = next((x for x in bench.runs[s.name] if x['phase'] == phase
+                      and (rate is None or x['offered'] == rate)), None)
+            if not r or not r.get('series'):
+                ax.text(0.5, 0.5, 'not run' if not r else 'nothing answered',
+                        transform=ax.transAxes, ha='center')
+            else:
+                ax.scatter([p[0] for p in r['series']], [max(p[1], 0.1) for p in r['series']],
+                           s=1, alpha=0.3, color='tab:blue', rasterized=True)
+                x, y = _per_second_p99(r['series'])
+                ax.plot(x, [max(v, 0.1) for v in y], color='tab:red', label='p99 per second')
+                ax.set_title('%s, %s: %d/%d answered (%d offered cps)' % (
+                    s.name, title, r['answered'], r['calls'], r['offered']), fontsize=9)
+            ax.set_yscale('log')
+            ax.set_ylabel('response ms')
+            if row == len(systems) - 1:
+                ax.set_xlabel('seconds since the first answer')
+    axes[0][0].legend(loc='upper right', fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -573,6 +688,11 @@ def main():
                                             env=TLSNodeBroker.env(False),
                                             queues=TLSNodeBroker.queues))
         responders[-1].start()
+    if SYSTEMS['http-async'] in systems:
+        responders.append(HttpResponder(os.path.join(logdir, 'http-responder.log')))
+        responders[-1].start()
+    if SYSTEMS['sql'] in systems:
+        sql_routes([s.user for s in systems if s is SYSTEMS['sql']])
     bench = Bench(args, logdir)
     clean, survival, probe = {}, {}, None
     try:
@@ -604,10 +724,13 @@ def main():
     stem = os.path.join(RESULTS_DIR, 'compare-%s' % started.strftime('%Y%m%d-%H%M%S'))
     png = plot(stem + '.png', args, systems, bench)
     if png:
+        lat = plot_latency(stem + '-latency.png', args, systems, bench)
         table += '\n![throughput and CPU per call](%s)\n' % os.path.basename(png)
+        table += '\n![response time over time](%s)\n' % os.path.basename(lat)
     with open(stem + '.md', 'w') as f:
         f.write(table)
-    print('written: %s.md%s (took %.1f min)' % (stem, ' and .png' if png else '', elapsed / 60))
+    print('written: %s.md%s (took %.1f min)' % (stem, ', .png and -latency.png' if png else '',
+                                                 elapsed / 60))
 
 
 if __name__ == '__main__':

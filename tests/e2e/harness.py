@@ -320,12 +320,15 @@ def register_scenario(domain):
 
 
 class SippResult(object):
-    def __init__(self, returncode, counts, successful, failed, response_ms, output):
+    def __init__(self, returncode, counts, successful, failed, response_ms, output,
+                 completed_ms=()):
         self.returncode = returncode
         self.counts = counts            # {'302': n, ...} responses received, by code
         self.successful = successful
         self.failed = failed
         self.response_ms = response_ms  # per call, in order of completion
+        # when each of those calls completed: sipp's clock in ms (the rtt file's Date_ms)
+        self.completed_ms = list(completed_ms)
         self.output = output
 
     def percentile(self, p):
@@ -419,7 +422,7 @@ def received_at(workdir, status):
 
 
 def _parse(workdir, proc):
-    screen, rtt = '', []
+    screen, rtt, at = '', [], []
     for name in os.listdir(workdir):
         full = os.path.join(workdir, name)
         if name.endswith('_screen.log'):
@@ -432,6 +435,7 @@ def _parse(workdir, proc):
                     if len(parts) >= 2:
                         try:
                             rtt.append(float(parts[1]))
+                            at.append(float(parts[0]))
                         except ValueError:
                             pass
     counts = {}
@@ -441,7 +445,7 @@ def _parse(workdir, proc):
     bad = re.search(r'Failed call\s+\|\s+\d+\s+\|\s+(\d+)', screen)
     return SippResult(proc.returncode, counts, int(ok.group(1)) if ok else 0,
                       int(bad.group(1)) if bad else 0, rtt,
-                      proc.stdout[-3000:] + proc.stderr[-3000:] + screen[-4000:])
+                      proc.stdout[-3000:] + proc.stderr[-3000:] + screen[-4000:], at)
 
 
 def spawn_sipp(scenario_xml, user, calls, rate, max_seconds=120, limit=None, extra=()):

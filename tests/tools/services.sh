@@ -3,8 +3,11 @@
 # Kamailio with app_python3 and the C kazoo module (tests/e2e/test_c_module_interop.py
 # runs it), sipp (Debian packages), RabbitMQ on 127.0.0.1:5672 (started here only if it
 # is not running).
-#   --bench  also the C rabbitmq module bench/compare.py measures against
-#            (kamailio-rabbitmq-modules)
+#   --bench  also what bench/compare.py's other systems need: the C rabbitmq module
+#            (kamailio-rabbitmq-modules), db_postgres (kamailio-postgres-modules) and a
+#            PostgreSQL on 127.0.0.1:5432 (started if it is not running), and
+#            http_async_client (not packaged by Debian: built from Debian's own source by
+#            tests/tools/build_http_async_client.sh)
 set -euo pipefail
 
 bench=
@@ -31,6 +34,7 @@ mod_need=()
 [ -f "$mods/kazoo.so" ] || mod_need+=(kamailio-kazoo-modules)
 if [ -n "$bench" ]; then
     [ -f "$mods/rabbitmq.so" ] || mod_need+=(kamailio-rabbitmq-modules)
+    [ -f "$mods/db_postgres.so" ] || mod_need+=(kamailio-postgres-modules)
 fi
 if [ ${#mod_need[@]} -gt 0 ]; then
     echo "services.sh: installing ${mod_need[*]}" >&2
@@ -47,3 +51,17 @@ if ! rabbit_up; then
 fi
 rabbitmqctl -q await_startup
 echo "services.sh: RabbitMQ is up" >&2
+
+if [ -n "$bench" ]; then
+    bash "$(dirname "$0")/build_http_async_client.sh"
+    pg_up() { pg_isready -q -h 127.0.0.1 -p 5432; }
+    command -v pg_isready >/dev/null 2>&1 || apt_install postgresql
+    if ! pg_up; then
+        echo "services.sh: starting PostgreSQL" >&2
+        [ -d /etc/postgresql ] || apt_install postgresql
+        pg_ctlcluster "$(ls /etc/postgresql | sort -V | tail -1)" main start
+        for _ in $(seq 30); do pg_up && break; sleep 1; done
+    fi
+    pg_up
+    echo "services.sh: PostgreSQL is up" >&2
+fi
