@@ -13,30 +13,19 @@ import os
 from urllib.parse import quote
 
 import KSR
+from floor import Floor
 
 URL = os.environ.get('KG_BENCH_HTTP_URL', 'http://127.0.0.1:8091/route/')
 
 
-class HttpRouter(object):
+class HttpRouter(Floor):
+    """floor.py's transaction handling; the INVITE answered after the HTTP request."""
 
-    def child_init(self, rank):
-        return 0
-
-    def ksr_request_route(self, msg):
-        method = KSR.pv.get('$rm')
-        if method == 'INVITE':
-            if KSR.tm.t_newtran() < 0:
-                KSR.sl.sl_send_reply(500, 'Server Error')
-                return 1
-            # quote(): the URL is a pseudo-variable format; no '$' may reach it.
-            if KSR.http_async_client.query(URL + quote(KSR.pv.get('$rU') or '', safe=''),
-                                           'http_reply') < 0:
-                KSR.tm.t_reply(500, 'Server Error')
-        elif method == 'ACK':
-            KSR.tm.t_check_trans()
-        else:
-            KSR.sl.sl_send_reply(501, 'Not Implemented')
-        return 1
+    def invite(self):
+        # quote(): the URL is a pseudo-variable format; no '$' may reach it.
+        if KSR.http_async_client.query(URL + quote(KSR.pv.get('$rU') or '', safe=''),
+                                       'http_reply') < 0:
+            KSR.tm.t_reply(500, 'Server Error')
 
     def http_reply(self, msg):
         """Resumed in an http_async_client worker with the answer."""

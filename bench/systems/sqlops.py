@@ -7,28 +7,14 @@ worker. Same transaction handling and answers as examples/kamailio/router.py: a 
 """
 
 import KSR
+from floor import Floor
 
 # sql.val.str quotes and escapes the R-URI user for SQL (sqlops' transformation).
 QUERY = "SELECT route FROM kg_bench_routes WHERE username = $(rU{sql.val.str})"
 
 
-class SqlRouter(object):
-
-    def child_init(self, rank):
-        return 0
-
-    def ksr_request_route(self, msg):
-        method = KSR.pv.get('$rm')
-        if method == 'INVITE':
-            if KSR.tm.t_newtran() < 0:
-                KSR.sl.sl_send_reply(500, 'Server Error')
-                return 1
-            self.invite()
-        elif method == 'ACK':
-            KSR.tm.t_check_trans()
-        else:
-            KSR.sl.sl_send_reply(501, 'Not Implemented')
-        return 1
+class SqlRouter(Floor):
+    """floor.py's transaction handling; the INVITE answered from the table."""
 
     def invite(self):
         KSR.pv.sets('$var(route)', '')
