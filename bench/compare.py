@@ -39,8 +39,9 @@ x1.25 until failures, then bisects), p50/p99 response time and Kamailio CPU µs 
 answered call's response time over the run at the reference rate (the plot's
 latency-over-time panels: a stall shows as a spike or a gap), peak RSS
 and PSS (sums over Kamailio's processes), whether Kamailio kept all its processes, and for
-kg-sync (``--survival all``: every system) whether it survives 3x its own clean rate for
-30 s and then answers a 200 cps run completely ("recovered"). Every measurement starts
+kg-sync and kg-async (``--survival all``: every system) the share of calls answered at
+1.5x its own clean rate (--seconds) and whether it survives 3x its clean rate for 30 s
+and then answers a 200 cps run completely ("recovered"). Every measurement starts
 from a fresh Kamailio warmed up with 200 calls at 100 cps. Before the systems, a probe
 runs the C module's sync ``kazoo_query`` (bench/systems/c_kazoo_sync.cfg) and reports what
 happens to it (Debian's 5.6.3 crashes).
@@ -355,6 +356,14 @@ class Bench(object):
                     st[2] = None
         return {name: st[0] for name, st in state.items()}
 
+    def overload(self, system, clean):
+        """1.5x the clean rate for --seconds: the share of offered calls answered 302."""
+        rate = int(round(1.5 * clean))
+        row = self.point(system, rate, self.args.seconds, 'overload')
+        return '%.0f%% (%d cps: %d/%d, p99 %s ms)' % (100.0 * row['answered'] / row['calls'],
+                                                      rate, row['answered'], row['calls'],
+                                                      _fmt(row['p99'], '%g'))
+
     def survival(self, system, clean, seconds):
         """3x the clean rate for ``seconds``, then health and a 200 cps, 5 s follow-up."""
         rate = 3 * clean
@@ -475,7 +484,7 @@ def _ratio(a, b):
     return '-' if not a or not b else '%.2f' % (float(a) / b)
 
 
-def report(args, systems, clean, survival, bench, probe, started, elapsed):
+def report(args, systems, clean, overload, survival, bench, probe, started, elapsed):
     ref = {s.name: next((r for r in bench.runs[s.name]
                          if r['phase'] == 'fixed' and r['offered'] == args.ref_rate), None)
            for s in systems}
@@ -487,7 +496,7 @@ def report(args, systems, clean, survival, bench, probe, started, elapsed):
     head = ['system'] + ['%d cps answered / failed' % r for r in args.rates] + [
         'highest clean cps', 'p50 / p99 ms @%d' % args.ref_rate,
         'CPU µs/call @%d' % args.ref_rate, 'peak RSS / PSS MB', 'survived all runs',
-        '3x clean rate for %d s' % args.survival_seconds]
+        '1.5x clean rate: answered', '3x clean rate for %d s' % args.survival_seconds]
     lines += ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
     for s in systems:
         runs = bench.runs[s.name]
@@ -507,7 +516,7 @@ def report(args, systems, clean, survival, bench, probe, started, elapsed):
                                         [None]))),
                   'yes' if not bench.trouble[s.name] else 'NO: ' + '; '.join(
                       bench.trouble[s.name]),
-                  survival.get(s.name, 'not run')]
+                  overload.get(s.name, 'not run'), survival.get(s.name, 'not run')]
         lines.append('| ' + ' | '.join(cells) + ' |')
     if 'c-kazoo' in ref:
         base = ref['c-kazoo']
@@ -643,8 +652,9 @@ def parse_args():
     p.add_argument('--search-max', type=int, default=8000, help='stop stepping up here')
     p.add_argument('--bisect', type=int, help='bisection steps after the first failure '
                    '(default 2)')
-    p.add_argument('--survival', default='kg-sync',
-                   help='systems for the 3x-saturation test: a list, "all" or "none"')
+    p.add_argument('--survival', default='kg-sync,kg-async',
+                   help='systems for the 1.5x overload and 3x-saturation tests: a list, '
+                        '"all" or "none"')
     p.add_argument('--survival-seconds', type=int, help='default 30')
     p.add_argument('--no-search', action='store_true', help='skip the clean-rate search '
                    '(and so the survival test)')
@@ -694,7 +704,7 @@ def main():
     if SYSTEMS['sql'] in systems:
         sql_routes([s.user for s in systems if s is SYSTEMS['sql']])
     bench = Bench(args, logdir)
-    clean, survival, probe = {}, {}, None
+    clean, overload, survival, probe = {}, {}, {}, None
     try:
         if SYSTEMS['c-kazoo'] in systems:
             probe = probe_sync_kazoo(logdir)
@@ -709,16 +719,17 @@ def main():
             for s in systems:
                 if s.name in chosen:
                     if clean.get(s.name):
+                        overload[s.name] = bench.overload(s, clean[s.name])
                         survival[s.name] = bench.survival(s, clean[s.name],
                                                           args.survival_seconds)
                     else:
-                        survival[s.name] = 'no clean rate to start from'
+                        overload[s.name] = survival[s.name] = 'no clean rate to start from'
     finally:
         for r in responders:
             r.stop()
         TLSNodeBroker.stop()
     elapsed = time.monotonic() - t0
-    table = report(args, systems, clean, survival, bench, probe, started, elapsed)
+    table = report(args, systems, clean, overload, survival, bench, probe, started, elapsed)
     print('\n' + table)
     os.makedirs(RESULTS_DIR, exist_ok=True)
     stem = os.path.join(RESULTS_DIR, 'compare-%s' % started.strftime('%Y%m%d-%H%M%S'))

@@ -21,7 +21,7 @@ from ._dispatch import Delivery  # noqa: E402
 from ._version import __version__  # noqa: E402
 from .errors import (  # noqa: E402
     BadMessage, BufferFull, ConnectionLost, InvalidPayload, KazooError, NotConnected,
-    PublishNacked, QueryFailed, QueryTimeout, Unroutable, UnknownExchange,
+    Overloaded, PublishNacked, QueryFailed, QueryTimeout, Unroutable, UnknownExchange,
 )
 from ._tls import from_env as ssl_from_env  # noqa: E402
 from .runtime import Kazoo  # noqa: E402
@@ -31,5 +31,5 @@ __all__ = [
     'Kazoo', 'Delivery', 'encode', 'json_path', 'ssl_from_env', '__version__',
     'KazooError', 'InvalidPayload', 'BadMessage', 'NotConnected', 'ConnectionLost',
     'QueryTimeout', 'QueryFailed', 'Unroutable', 'UnknownExchange', 'PublishNacked',
-    'BufferFull',
+    'BufferFull', 'Overloaded',
 ]

@@ -23,6 +23,8 @@ _COUNTERS = (
     ('queries_failed', 'queries failed otherwise (connection lost, unroutable)'),
     ('async_late', 'async replies that came after their deadline: not resumed (tm answered '
                    'the transaction through on_timeout)'),
+    ('async_shed', 'async queries refused at once (Overloaded) while replies were resumed '
+                   'late: see Kazoo(shed_lag=)'),
     ('replies_unmatched', 'replies that matched no waiting query (late, copies, or foreign '
                           'where no event-route workers run)'),
     ('unsolicited', 'messages on a reply queue answering no query, run as events'),

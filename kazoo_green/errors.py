@@ -53,3 +53,9 @@ class PublishNacked(KazooError):
 
 class BufferFull(KazooError):
     """No broker is reachable and the publish buffer is full; nothing was kept."""
+
+
+class Overloaded(KazooError):
+    """An async query refused before anything was done: this Kamailio instance's
+    replies are being resumed late (see ``kemi.Kazoo(shed_lag=)``). Answer at once,
+    e.g. ``KSR.sl.sl_send_reply(503, 'Service Unavailable')``."""

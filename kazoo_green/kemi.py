@@ -43,7 +43,8 @@ over them (acks after the resume, a bounded prefetch: a busy process gets no mor
 dead one's are redelivered to another). A reply after its deadline is not resumed (tm
 answered it through ``on_timeout``; counted ``async_late``). No reply: tm's timer fires
 in its own process and the failure route runs ``on_timeout``, whether or not a consumer
-process is alive.
+process is alive. While replies are resumed late, a share of new async queries is
+refused with ``Overloaded`` before anything is done (``_admission``; ``shed_lag=``).
 """
 
 import functools
@@ -57,9 +58,10 @@ import gevent
 import gevent.local
 
 from . import _defaults as D, _logs, runtime
+from ._admission import INTERVAL as ADMISSION_INTERVAL, Admission
 from ._kamstats import PUSH_INTERVAL, KamailioStats
 from ._query import done_within
-from .errors import BadMessage, KazooError
+from .errors import BadMessage, KazooError, Overloaded
 from .wire import dumps, loads_payload, new_msg_id, stamp_received
 
 __all__ = ['Kazoo', 'Handler', 'KSRLogHandler', 'use_kamailio_log']
@@ -75,6 +77,8 @@ _TIMEOUT_ROUTE = 'kazoo_timeout_'
 _DONE_TTL = 60.0
 #: Unacked replies a consumer process holds: more go to the others.
 ASYNC_PREFETCH = 32
+#: Default ``Kazoo(shed_lag=)``: a standing lag of a quarter second sheds new async queries.
+SHED_LAG = 0.25
 
 
 def _ksr():
@@ -139,8 +143,14 @@ def _counted(method):
 class Kazoo(runtime.Kazoo):
     """A runtime with Kamailio's async query (suspend/resume) on top."""
 
-    def __init__(self, brokers=None, **kwargs):
+    def __init__(self, brokers=None, shed_lag=SHED_LAG, **kwargs):
+        """As ``kazoo_green.Kazoo``, plus ``shed_lag``: seconds of lag (reply resumed
+        minus request sent) that, when even the quickest reply of an interval takes
+        longer, make SIP workers refuse a growing share of new async queries with
+        ``Overloaded`` (see ``kazoo_green._admission``); None: never refuse."""
         kwargs.setdefault('app_name', 'kamailio')
+        # Before the fork (mod_init): the mapping is shared by every process.
+        self._admission = Admission(shed_lag) if shed_lag is not None else None
         # SIP workers wait for replies in poll(2): nothing else runs there anyway.
         kwargs.setdefault('blocking', True)
         super(Kazoo, self).__init__(brokers, **kwargs)
@@ -196,6 +206,12 @@ class Kazoo(runtime.Kazoo):
         for name in (on_reply, on_timeout):
             if not isinstance(name, str) or not _METHOD.fullmatch(name):
                 raise ValueError('on_reply/on_timeout must be method names, not %r' % (name,))
+        admission = self._admission
+        if admission is not None and not admission.admit():
+            self._stats.async_shed += 1
+            self.kamailio_stats.write()
+            raise Overloaded('async query refused: replies are resumed late '
+                             '(%.0f%% of new async queries shed)' % (admission.share * 100))
         timeout = self._timeout(timeout, self.query_timeout)
         message = self._message(payload)
         KSR = _ksr()
@@ -339,6 +355,8 @@ class Kazoo(runtime.Kazoo):
             self._ack(link, channel, tag)
             return
         now = monotonic()
+        if self._admission is not None:
+            self._admission.observe(now - sent)
         if now > deadline:
             # tm answers it (answered) through on_timeout: shed, do not resume late.
             self._stats.async_late += 1
@@ -402,12 +420,24 @@ class Kazoo(runtime.Kazoo):
                 for feed in z.feeds:
                     feed.subscriber.subscriptions = []
         self.kamailio_stats.check()
+        if self._admission is not None:
+            gevent.spawn(self._admission_loop)
         self.start()
         for feed in self.zones[self.zone].feeds:
             feed.link.start()  # the async reply queue needs them even without subscriptions
         while True:
             gevent.sleep(PUSH_INTERVAL)
             self.kamailio_stats.tick()
+
+
+    def _admission_loop(self):
+        admission = self._admission
+        while True:
+            gevent.sleep(ADMISSION_INTERVAL)
+            try:
+                admission.update()
+            except Exception:   # never: but the loop must not die of it
+                log.exception('async admission update failed')
 
 
 def _parse_async_id(msg_id):

@@ -15,6 +15,8 @@ before the URLs of zone NAME), KAZOO_GREEN_ZONE (the primary zone, default ``loc
 KAZOO_GREEN_SHAPE (``standalone``: a zone's brokers are independent servers, consumed
 from all at once; default ``cluster``),
 KAZOO_GREEN_NODE (this instance's node name, unique per Kamailio instance),
+KAZOO_GREEN_SHED_LAG (seconds, ``kemi.Kazoo(shed_lag=)``: async queries are refused with
+``Overloaded`` while even the quickest replies take longer; default 0.25),
 KAZOO_GREEN_AMQPS_CA_CERT / _CERT / _KEY / _VERIFY_PEER / _VERIFY_HOSTNAME (TLS options,
 as the C module's amqps_* parameters; see ``kazoo_green.ssl_from_env``), KAZOO_GREEN_VENV
 (the virtualenv holding kazoo_green, default: the project's ``.venv``).
@@ -39,7 +41,7 @@ _use_project_packages()
 
 import kazoo_green  # noqa: E402,F401  (before kombu: applies gevent's patching)
 import kazoo_green.kemi as kemi  # noqa: E402
-from kazoo_green import KazooError, encode  # noqa: E402
+from kazoo_green import KazooError, Overloaded, encode  # noqa: E402
 
 import KSR  # noqa: E402
 
@@ -48,7 +50,8 @@ kz = kemi.Kazoo(os.environ.get('KAZOO_GREEN_BROKERS', 'amqp://guest:guest@127.0.
                 query_timeout=float(os.environ.get('KAZOO_GREEN_QUERY_TIMEOUT', '2.0')),
                 ssl=kazoo_green.ssl_from_env(),
                 zone=os.environ.get('KAZOO_GREEN_ZONE') or None,
-                shape=os.environ.get('KAZOO_GREEN_SHAPE') or 'cluster')
+                shape=os.environ.get('KAZOO_GREEN_SHAPE') or 'cluster',
+                shed_lag=float(os.environ.get('KAZOO_GREEN_SHED_LAG', kemi.SHED_LAG)))
 
 
 @kz.event_route('kazoo:consumer-event-presence-update')
@@ -81,6 +84,10 @@ class Router(kemi.Handler):
             try:
                 kz.async_query('callmgr', 'route.req', payload, on_reply='route_reply',
                                on_timeout='route_timeout')
+            except Overloaded:
+                # Replies are resumed late: answer now, statelessly, rather than queue
+                # a call that would time out.
+                KSR.sl.sl_send_reply(503, 'Service Unavailable')
             except KazooError as exc:
                 KSR.err('async route.req failed: %s\n' % exc)
                 KSR.sl.sl_send_reply(500, 'Server Error')

@@ -823,3 +823,44 @@ def test_the_table_is_shared_with_forked_children_and_summed_once():
     assert totals[_kamstats.NAMES.index('links_up')] == 3
     assert pushed == [0] * len(values)
     assert table.claim(token=9) is not None and table.claim(token=10) is None   # 4 slots
+
+
+def test_replies_resumed_late_make_new_async_queries_refused_at_once(kamailio, responder,
+                                                                      fake):
+    """Admission: a standing lag in the resumes sheds new async queries (Overloaded,
+    before any transaction or message), and quiet lets them in again."""
+    instance = kamailio(shed_lag=0.05)
+    consumer = instance.consumer()
+    router = fake.handler = Router(consumer)
+    exchange, seen = responder(lambda request: (gevent.sleep(0.15), routed(request))[1])
+    worker = instance.process()
+    # In Kamailio both are forks of one mod_init object: one shared mapping.
+    worker._admission = admission = consumer._admission
+    for user in ('a1', 'a2', 'a3'):
+        fake.request('INVITE', ruri_user=user)
+        worker.async_query(exchange, 'route.req', route_req(user), 'route_reply',
+                           'route_timeout', timeout=5)
+    assert wait_for(lambda: len(router.resumed) == 3, 5)   # late, but all resumed
+    assert wait_for(lambda: admission.share > 0, 5)        # the consumer's loop moved it
+    while admission.share < 1.0:                           # as a long overload would
+        admission.observe(1.0)
+        admission.update()
+    calls, published = len(fake.calls), worker.stats()['published']
+    fake.request('INVITE', ruri_user='shed')
+    with pytest.raises(kazoo_green.Overloaded):
+        worker.async_query(exchange, 'route.req', route_req('shed'), 'route_reply',
+                           'route_timeout', timeout=5)
+    assert not [c for c in fake.calls[calls:] if c[0].startswith(('tm.', 'tmx.'))]
+    assert worker.stats()['published'] == published and len(seen) == 3
+    assert worker.stats()['async_shed'] == 1 and worker.stats()['queries'] == 3
+    # No replies any more (everything shed): the share comes down by itself.
+    assert wait_for(lambda: admission.share == 0.0, 10)
+    fake.request('INVITE', ruri_user='again')
+    worker.async_query(exchange, 'route.req', route_req('again'), 'route_reply',
+                       'route_timeout', timeout=5)
+    assert wait_for(lambda: len(router.resumed) == 4, 5)
+
+
+def test_shed_lag_none_never_refuses(kamailio, fake):
+    worker = kamailio(shed_lag=None).process()
+    assert worker._admission is None
