@@ -28,7 +28,8 @@ one, so TLS and plain TCP are compared on the same broker:
     kg-sync-tcp, kg-async-tcp    amqp:// to the same node
 
 and kg-sync-nostats, kg-async-nostats: the example with KAZOO_GREEN_STATS_OFF=1 (no
-statistics include, nothing pushed), for what kazoo_green's statistics cost per call.
+statistics include, nothing pushed), for what kazoo_green's statistics cost per call;
+kg-async-noshed: the example with KAZOO_GREEN_SHED_LAG=off (no async admission).
 
 All use one examples/responder.py (started here; one more on the TLS node for the TLS
 systems) and the local RabbitMQ. Per system:
@@ -162,6 +163,9 @@ TLS_SYSTEMS = collections.OrderedDict((s.name, s) for s in (
            {'KAZOO_GREEN_STATS_OFF': '1'}),
     System('kg-async-nostats', harness.KAMAILIO_CFG, 'asyncbenchuser', _kg_ready, None, None,
            {'KAZOO_GREEN_STATS_OFF': '1'}),
+    # The example without async admission: no call refused early, however late.
+    System('kg-async-noshed', harness.KAMAILIO_CFG, 'asyncbenchuser', _kg_ready, None, None,
+           {'KAZOO_GREEN_SHED_LAG': 'off'}),
 ))
 ALL_SYSTEMS = collections.OrderedDict(list(SYSTEMS.items()) + list(TLS_SYSTEMS.items()))
 SYNC_PROBE = System('c-kazoo-sync', os.path.join(SYSTEMS_DIR, 'c_kazoo_sync.cfg'),
@@ -640,7 +644,7 @@ def parse_args():
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--systems', default=','.join(SYSTEMS),
-                   help='comma-separated subset of: %s (default: all but the last four)'
+                   help='comma-separated subset of: %s (default: the first eight)'
                    % ', '.join(ALL_SYSTEMS))
     p.add_argument('--rates', help='fixed offered rates, cps (default 500,1000,2000)')
     p.add_argument('--seconds', type=int, help='seconds per fixed rate (default 10)')

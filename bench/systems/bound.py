@@ -43,7 +43,7 @@ def query(payload):
         fast = link.fast
         poller = _poll()   # the real poll(2), not gevent's
         poller.register(fast._fileno, 1)
-        _socket[os.getpid()] = (fast._raw_send, fast._raw_recv, poller.poll,
+        _socket[os.getpid()] = (fast._send, fast._recv, poller.poll,
                                 kz._publisher.channel.channel_id, kz.server_id, fast.frame_max)
         return reply
     send, recv, poll, channel, server_id, frame_max = state

@@ -16,7 +16,8 @@ KAZOO_GREEN_SHAPE (``standalone``: a zone's brokers are independent servers, con
 from all at once; default ``cluster``),
 KAZOO_GREEN_NODE (this instance's node name, unique per Kamailio instance),
 KAZOO_GREEN_SHED_LAG (seconds, ``kemi.Kazoo(shed_lag=)``: async queries are refused with
-``Overloaded`` while even the quickest replies take longer; default 0.25),
+``Overloaded`` while even the quickest replies take longer; default 0.25; ``off``:
+never),
 KAZOO_GREEN_AMQPS_CA_CERT / _CERT / _KEY / _VERIFY_PEER / _VERIFY_HOSTNAME (TLS options,
 as the C module's amqps_* parameters; see ``kazoo_green.ssl_from_env``), KAZOO_GREEN_VENV
 (the virtualenv holding kazoo_green, default: the project's ``.venv``).
@@ -45,13 +46,20 @@ from kazoo_green import KazooError, Overloaded, encode  # noqa: E402
 
 import KSR  # noqa: E402
 
+def _shed_lag(value):
+    """KAZOO_GREEN_SHED_LAG: seconds, ``off`` for no shedding, unset for the default."""
+    if value is None or value == '':
+        return kemi.SHED_LAG
+    return None if value.lower() == 'off' else float(value)
+
+
 kz = kemi.Kazoo(os.environ.get('KAZOO_GREEN_BROKERS', 'amqp://guest:guest@127.0.0.1:5672//'),
                 app_name='kamailio', node=os.environ.get('KAZOO_GREEN_NODE') or None,
                 query_timeout=float(os.environ.get('KAZOO_GREEN_QUERY_TIMEOUT', '2.0')),
                 ssl=kazoo_green.ssl_from_env(),
                 zone=os.environ.get('KAZOO_GREEN_ZONE') or None,
                 shape=os.environ.get('KAZOO_GREEN_SHAPE') or 'cluster',
-                shed_lag=float(os.environ.get('KAZOO_GREEN_SHED_LAG', kemi.SHED_LAG)))
+                shed_lag=_shed_lag(os.environ.get('KAZOO_GREEN_SHED_LAG')))
 
 
 @kz.event_route('kazoo:consumer-event-presence-update')
