@@ -206,18 +206,18 @@ class Kazoo(runtime.Kazoo):
         for name in (on_reply, on_timeout):
             if not isinstance(name, str) or not _METHOD.fullmatch(name):
                 raise ValueError('on_reply/on_timeout must be method names, not %r' % (name,))
+        stats = self.kamailio_stats
+        if not stats._checked:
+            stats.check()
         admission = self._admission
         if admission is not None and not admission.admit():
             self._stats.async_shed += 1
-            self.kamailio_stats.write()
+            stats.write()
             raise Overloaded('async query refused: replies are resumed late '
                              '(%.0f%% of new async queries shed)' % (admission.share * 100))
         timeout = self._timeout(timeout, self.query_timeout)
         message = self._message(payload)
         KSR = _ksr()
-        stats = self.kamailio_stats
-        if not stats._checked:
-            stats.check()
         tm = KSR.tm
         if tm.t_newtran() < 0:
             raise KazooError('cannot create the transaction for an async query')
