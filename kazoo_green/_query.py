@@ -2,6 +2,7 @@
 
 import logging
 import socket
+import itertools
 from collections import deque
 from time import monotonic
 
@@ -26,6 +27,9 @@ log = logging.getLogger('kazoo_green')
 #: The consumer tags of the reply queues (basic.consume on direct reply-to, and on
 #: the Kazoo-style queue) as AMQP short strings; FastPath.ask returns their messages
 #: undispatched.
+# Each ReplyWaiter's number in its process: part of its reply queue's name, so two of one
+# node in one process (two runtimes, or two zones on one broker) never share a queue.
+_SERIAL = itertools.count(1)
 _REPLY_TAGS = (b'\x0bkg-reply-to', b'\x0bkg-targeted')
 
 
@@ -69,6 +73,7 @@ class ReplyWaiter(object):
     def __init__(self, link, publisher, stats, node, direct_reply_to=True,
                  targeted_exchange=D.TARGETED_EXCHANGE, shared_key=False):
         self.link = link
+        self._serial = next(_SERIAL)
         #: Standalone brokers: the Server-ID is one routing key for the process, bound on
         #: every broker of the zone (see ``listen``), so a reply published on any of them
         #: comes back; else it names this connection's reply queue.
@@ -113,7 +118,7 @@ class ReplyWaiter(object):
         return self._server_id
 
     def _name(self, pid, count):
-        return '%s-<%d>-targeted-%x%s' % (self.node, pid, id(self) & 0xffff,
+        return '%s-<%d>-targeted-%x%s' % (self.node, pid, self._serial,
                                           '-%d' % count if count else '')
 
     @property

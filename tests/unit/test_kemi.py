@@ -181,6 +181,28 @@ def async_id(t, deadline, on_reply='route_reply', on_timeout='route_timeout',
 
 # -- the async query, end to end -------------------------------------------------------
 
+def test_reply_queues_of_one_node_in_one_process_never_share_a_name():
+    """Two runtimes of one node in one process (a test's simulated instance; a script with
+    two zones on one broker) each get a reply queue of their own: a shared one would hand
+    one's replies to the other (a query timing out with its reply consumed elsewhere)."""
+    from kazoo_green._query import ReplyWaiter
+
+    class Link(object):
+        def add_up_hook(self, hook):
+            pass
+
+        def on_down(self, callback):
+            pass
+
+    class Publisher(object):
+        on_return = None
+
+    waiters = [ReplyWaiter(Link(), Publisher(), None, 'kamailio@one') for _ in range(3000)]
+    names = {w.server_id for w in waiters}
+    assert len(names) == len(waiters)
+    assert all(name.startswith('kamailio@one-<%d>-targeted-' % os.getpid()) for name in names)
+
+
 @pytest.mark.parametrize('style', ['reply_to', 'server_id'])
 def test_async_query_resumes_on_reply_in_the_consumer_process(kamailio, responder, fake,
                                                               style):
