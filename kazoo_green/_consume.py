@@ -10,7 +10,7 @@ from amqp import spec
 
 from . import _defaults as D, _logs
 from ._dispatch import Delivery
-from .errors import BadMessage, KazooError, NotConnected
+from .errors import BadMessage, InvalidPayload, KazooError, NotConnected
 from .wire import loads_payload, route_names, stamp_received
 
 __all__ = ['Subscription', 'Subscriber', 'ACK_MODES']
@@ -400,12 +400,17 @@ class Subscriber(object):
             started = monotonic()
             try:
                 fn(payload, meta)
-            except Exception:
+            except Exception as exc:
                 self.stats.observe('handler_seconds', route, monotonic() - started)
                 self.stats.handler_errors += 1
-                log.exception('event route %s failed (exchange %s, routing key %s)%s', route,
-                              _logs.short(meta.exchange), _logs.short(meta.routing_key),
-                              '; message rejected' if sub.ack == 'late' else '')
+                # A handler refusing its payload (InvalidPayload) is bad input, said in one
+                # line; anything else is a bug in the handler: its traceback.
+                log.log(logging.WARNING if isinstance(exc, InvalidPayload) else logging.ERROR,
+                        'event route %s failed (exchange %s, routing key %s)%s%s', route,
+                        _logs.short(meta.exchange), _logs.short(meta.routing_key),
+                        '; message rejected' if sub.ack == 'late' else '',
+                        ': %s' % exc if isinstance(exc, InvalidPayload) else '',
+                        exc_info=not isinstance(exc, InvalidPayload))
                 if not settled:
                     settled = True
                     self._settle(sub, channel, raw.delivery_tag, False)

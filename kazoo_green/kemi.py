@@ -73,6 +73,10 @@ _ASYNC_PREFIX = 'kgasync'
 #: The failure route tm runs at an async query's deadline: ``Handler`` resolves
 #: ``kazoo_timeout_<on_timeout>`` to a call of ``on_timeout`` with ``reply_error()`` set.
 _TIMEOUT_ROUTE = 'kazoo_timeout_'
+#: The route t_continue runs for a resume: ``Handler`` resolves ``kazoo_resume_<method>``
+#: to ``method`` run with the transaction's timers and failure route reset (see
+#: ``Kazoo.resumed``).
+_RESUME_ROUTE = 'kazoo_resume_'
 # How long a resumed Msg-ID is remembered, to drop a second copy of its reply.
 _DONE_TTL = 60.0
 #: Unacked replies a consumer process holds: more go to the others.
@@ -268,7 +272,7 @@ class Kazoo(runtime.Kazoo):
         resume = self._resume
         resume.reply, resume.error = reply, error
         try:
-            if _ksr().tmx.t_continue(index, label, method) < 0:
+            if _ksr().tmx.t_continue(index, label, _RESUME_ROUTE + method) < 0:
                 log.log(logging.WARNING if expected else logging.DEBUG,
                         't_continue(%d, %d, %s) refused: transaction no longer suspended',
                         index, label, method)
@@ -292,6 +296,22 @@ class Kazoo(runtime.Kazoo):
         except Exception:
             log.exception('connecting at start failed')
 
+    @staticmethod
+    def _untimed():
+        """Undo what async_query set on the transaction: its failure route and tm's
+        timers (the query's timeout) back to the defaults, so a request relayed from
+        ``on_reply``/``on_timeout`` gets the usual timers and its negative replies do not
+        run ``on_timeout``."""
+        tm = _ksr().tm
+        tm.t_on_failure('')
+        tm.t_reset_fr()
+
+    def resumed(self, method, msg):
+        """The route t_continue runs (see ``Handler``): ``method(msg)``, the transaction
+        reset first (``_untimed``)."""
+        self._untimed()
+        return method(msg)
+
     def timed_out(self, method, msg):
         """tm's failure route at an async query's deadline (see ``Handler``): ``method``
         of ``handler`` with ``reply_error()`` 'timeout'."""
@@ -302,6 +322,7 @@ class Kazoo(runtime.Kazoo):
         resume = self._resume
         resume.error = 'timeout'
         try:
+            self._untimed()
             return method(msg)
         finally:
             resume.error = None
@@ -490,4 +511,8 @@ class Handler(object):
         if name.startswith(_TIMEOUT_ROUTE):
             method = getattr(self, name[len(_TIMEOUT_ROUTE):])
             return functools.partial(self.kz.timed_out, method)
+        # t_continue's route for a resume: kazoo_resume_<on_reply or on_timeout>.
+        if name.startswith(_RESUME_ROUTE):
+            method = getattr(self, name[len(_RESUME_ROUTE):])
+            return functools.partial(self.kz.resumed, method)
         raise AttributeError(name)

@@ -15,7 +15,7 @@ from ._stats import Stats
 from ._topology import parse_topology
 from ._zone import Zone
 from ._version import __version__
-from .errors import KazooError, NotConnected
+from .errors import InvalidPayload, KazooError, NotConnected
 from .wire import dumps, hostname, route_names, stamp, stamp_received, to_payload
 
 __all__ = ['Kazoo']
@@ -357,6 +357,9 @@ class Kazoo(object):
         started = monotonic()
         try:
             fn(payload, meta)
+        except InvalidPayload as exc:   # the handler refused its payload: one line
+            self._stats.handler_errors += 1
+            log.warning('event route %s failed: %s', route, exc)
         except Exception:
             self._stats.handler_errors += 1
             log.exception('event route %s failed', route)

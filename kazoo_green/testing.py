@@ -237,6 +237,15 @@ class _TM(_Api):
         fake._transaction().on_failure = str(name)
         return 1
 
+    def t_reset_fr(self):
+        """Back to the configured timers (the fake's: none; nothing expires)."""
+        fake = self._fake
+        forced = fake._call('tm.t_reset_fr')
+        if forced is not None:
+            return forced
+        fake._transaction().fr = None
+        return 1
+
     def t_send_reply(self, code, reason):
         return self._fake._reply('tm', 'tm.t_send_reply', code, reason)
 
@@ -312,6 +321,25 @@ class _Hdr(_Api):
         return 1
 
 
+class _PuaJson(_Api):
+    def publish(self, text):
+        """pua_json's publish: the JSON text kept in ``fake.pua_published`` (parsed); -1
+        for text that is not a JSON object, as pua_json."""
+        import json
+        fake = self._fake
+        forced = fake._call('pua_json.publish', text)
+        if forced is not None:
+            return forced
+        try:
+            payload = json.loads(text)
+        except ValueError:
+            return -1
+        if not isinstance(payload, dict):
+            return -1
+        fake.pua_published.append(payload)
+        return 1
+
+
 class FakeKSR(object):
     """Stands in for Kamailio's ``KSR`` module and records what was done with it.
 
@@ -344,6 +372,9 @@ class FakeKSR(object):
         self.tmx = _TMX(self)
         self.htable = _HTable(self)
         self.hdr = _Hdr(self)
+        #: Payloads given to ``pua_json.publish`` (kazoo_green.pua), parsed.
+        self.pua_published = []
+        self.pua_json = _PuaJson(self)
         #: ``#!define`` values, read as ``$def(NAME)``.
         self.defines = {}
         #: Counter values (``group.name`` -> int) and the declared names (None: any).

@@ -110,7 +110,9 @@ def example(logdir, node, env=None, queues=rabbit_queues):
 class Kamailio(object):
     """kamailio -f examples/kamailio/kamailio.cfg -DD -E, as the README says to run it."""
 
-    def __init__(self, log_path, node='kamailio@kgtest-e2e', env=None, queues=rabbit_queues):
+    def __init__(self, log_path, node='kamailio@kgtest-e2e', env=None, queues=rabbit_queues,
+                 cfg=KAMAILIO_CFG):
+        self.cfg = cfg   # the first example's, or examples/kazoo-node's
         self.log_path = log_path
         self.node = node
         self.env = env or {}
@@ -124,7 +126,7 @@ class Kamailio(object):
                    KAZOO_GREEN_HTTP_PORT=str(self.http_port))
         env.update(self.env)
         self._log = open(self.log_path, 'a')
-        self.proc = subprocess.Popen(['kamailio', '-f', KAMAILIO_CFG, '-DD', '-E', '-m', '256'],
+        self.proc = subprocess.Popen(['kamailio', '-f', self.cfg, '-DD', '-E', '-m', '256'],
                                      cwd=ROOT, env=env, stdout=self._log,
                                      stderr=subprocess.STDOUT)
         # Ready once both consumer processes (kazoo_consumer, kazoo_resumer) read the

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Install and start what the test suite needs and the machine does not provide:
 # Kamailio with app_python3 and the C kazoo module (tests/e2e/test_c_module_interop.py
-# runs it), sipp (Debian packages), RabbitMQ on 127.0.0.1:5672 (started here only if it
+# runs it), the modules of the Kazoo node example, sipp (Debian packages), RabbitMQ on 127.0.0.1:5672 (started here only if it
 # is not running).
 #   --bench  also what bench/compare.py's other systems need: the C rabbitmq module
 #            (kamailio-rabbitmq-modules), db_postgres (kamailio-postgres-modules) and a
@@ -32,6 +32,12 @@ fi
 mods=$(dirname "$(ls /usr/lib/*/kamailio/modules/tm.so | head -1)")
 mod_need=()
 [ -f "$mods/kazoo.so" ] || mod_need+=(kamailio-kazoo-modules)
+# The Kazoo node example (examples/kazoo-node): presence, pua_json (+ json), db_sqlite
+# (+ Kamailio's SQLite schema files) and sqlite3.
+[ -f "$mods/presence_dialoginfo.so" ] || mod_need+=(kamailio-presence-modules)
+[ -f "$mods/pua_json.so" ] || mod_need+=(kamailio-json-modules)
+[ -f "$mods/db_sqlite.so" ] || mod_need+=(kamailio-sqlite-modules)
+command -v sqlite3 >/dev/null 2>&1 || mod_need+=(sqlite3)
 if [ -n "$bench" ]; then
     [ -f "$mods/rabbitmq.so" ] || mod_need+=(kamailio-rabbitmq-modules)
     [ -f "$mods/db_postgres.so" ] || mod_need+=(kamailio-postgres-modules)

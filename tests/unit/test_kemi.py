@@ -224,11 +224,15 @@ def test_async_query_resumes_on_reply_in_the_consumer_process(kamailio, responde
     assert wait_for(lambda: fake.replies)
     assert fake.replies == [(302, 'Moved Temporarily', 'tm', 'sip:alice@10.0.0.9', [],
                              msg.get('$ci'), (t.index, t.label))]
-    assert fake.continues == [Continue(t.index, t.label, 'route_reply', 1)]
+    assert fake.continues == [Continue(t.index, t.label, 'kazoo_resume_route_reply', 1)]
     # tm keeps the deadline: its timer, and the failure route that resumes on_timeout.
     assert fake.calls[:4] == [('tm.t_newtran', ()), ('tm.t_set_fr', (5000, 5000)),
                               ('tm.t_on_failure', ('kazoo_timeout_route_timeout',)),
                               ('tmx.t_suspend', ())]
+    # Resumed with both undone: a request relayed from on_reply gets the usual timers,
+    # and its negative replies do not run on_timeout.
+    assert ('tm.t_on_failure', ('',)) in fake.calls and ('tm.t_reset_fr', ()) in fake.calls
+    assert (t.on_failure, t.fr) == ('', None)
     assert fake.errors == []
     # The transaction-local R-URI changed; the current message's did not.
     assert (msg.get('$ru'), other.get('$ru')) == ('sip:alice@10.0.0.9', 'sip:carol@127.0.0.1')
@@ -272,7 +276,7 @@ def test_many_async_queries_each_resume_their_own_transaction(kamailio, responde
         assert fake.replies_to(msg.get('$ci')) == [
             (302, 'Moved Temporarily', 'tm', 'sip:%s@10.0.0.9' % user, [], msg.get('$ci'),
              (t.index, t.label))]
-    assert sorted(c.method for c in fake.continues) == ['route_reply'] * len(users)
+    assert sorted(c.method for c in fake.continues) == ['kazoo_resume_route_reply'] * len(users)
     assert all(c.result == 1 for c in fake.continues)
     assert len(router.resumed) == len(users)
     assert consumer.stats()['queries_ok'] == len(users)
@@ -394,7 +398,7 @@ def test_reply_resumes_in_whichever_consumer_gets_it(kamailio, fake):
     assert [r[:4] for r in fake.replies] == [(302, 'Moved Temporarily', 'tm',
                                              'sip:in-time@10.0.0.9')]
     assert fake.continues == [
-        Continue(on_time.transaction.index, on_time.transaction.label, 'route_reply', 1)]
+        Continue(on_time.transaction.index, on_time.transaction.label, 'kazoo_resume_route_reply', 1)]
     assert [(m, e) for m, _, e, _, _ in router.resumed] == [('route_reply', None)]
 
 
@@ -438,7 +442,7 @@ def test_a_second_reply_is_dropped(kamailio, runtimes, fake):
             'Event-Category': 'route', 'Event-Name': 'resp', 'Msg-ID': msg_id, 'n': n})
     assert wait_for(lambda: consumer.stats()['replies_unmatched'] == 1)
     gevent.sleep(0.05)
-    assert [c.method for c in fake.continues] == ['route_reply']
+    assert [c.method for c in fake.continues] == ['kazoo_resume_route_reply']
     assert fake.handler.resumed[0][1]['n'] == 0
 
 
@@ -460,7 +464,7 @@ def test_consumer_survives_bad_messages_on_the_async_queue(kamailio, responder, 
     instance.process().async_query(exchange, 'route.req', route_req('alice'),
                                    'route_reply', 'route_timeout', timeout=5)
     assert wait_for(lambda: fake.replies)
-    assert [c.method for c in fake.continues] == ['route_reply']
+    assert [c.method for c in fake.continues] == ['kazoo_resume_route_reply']
 
 
 # -- failures in the SIP worker ----------------------------------------------------------
@@ -479,7 +483,7 @@ def test_request_not_sent_resumes_on_timeout_at_once_in_the_caller(kamailio, fak
     assert error.startswith('not sent: ') and 'does not exist' in error
     assert greenlet is gevent.getcurrent()
     t = msg.transaction
-    assert fake.continues == [Continue(t.index, t.label, 'route_timeout', 1)]
+    assert fake.continues == [Continue(t.index, t.label, 'kazoo_resume_route_timeout', 1)]
     assert fake.replies == [(503, 'Service Unavailable', 'tm', 'sip:alice@127.0.0.1', [],
                              msg.get('$ci'), (t.index, t.label))]
     assert worker.reply_error() is None  # only set inside on_timeout
@@ -497,7 +501,7 @@ def test_request_not_sent_is_not_resumed_again_by_the_consumer(kamailio, fake):
                        'route_timeout', timeout=0.1)
     gevent.sleep(0.4)  # past the deadline tm's timer had
     t = msg.transaction
-    assert fake.continues == [Continue(t.index, t.label, 'route_timeout', 1)]
+    assert fake.continues == [Continue(t.index, t.label, 'kazoo_resume_route_timeout', 1)]
     assert [r.code for r in fake.replies] == [503] and not t.expired
     assert consumer.stats()['queries_timeout'] == worker.stats()['queries_timeout'] == 0
 
