@@ -61,9 +61,12 @@ def _mailbox(text):
     return _aor(aor), (int(new), int(saved))
 
 
-def authn_reply(request, users):
-    """The reply to an authn_req: authn_resp for a known user, else authn_err."""
+def authn_reply(request, users, any_user=None):
+    """The reply to an authn_req: authn_resp for a known user (or, with ``any_user``
+    {realm: password}, anybody of those realms), else authn_err."""
     key = (request.get('Auth-User'), request.get('Auth-Realm'))
+    if key not in users and key[1] in (any_user or {}) and key[0]:
+        users = {key: any_user[key[1]]}
     if key not in users:
         return {'Event-Category': 'directory', 'Event-Name': 'authn_err'}
     account, device = ids(*key)
@@ -93,6 +96,7 @@ def mwi_payload(user, realm, new, saved, urgent=0, urgent_saved=0):
 
 def serve(args):
     users = dict(args.user)
+    any_user = {realm: password for (_, realm), password in args.any_user}
     mailboxes = dict(args.mailbox)
     kz = Kazoo(args.broker, app_name='fake_kazoo', node=args.node)
 
@@ -105,9 +109,10 @@ def serve(args):
             return
         if args.authn_delay:
             gevent.sleep(args.authn_delay)
-        reply = authn_reply(request, users)
+        reply = authn_reply(request, users, any_user)
         kz.respond(request, reply, meta)
-        print('authn_req %s %s@%s -> %s' % (request.get('Method'), request.get('Auth-User'),
+        if not args.quiet:
+            print('authn_req %s %s@%s -> %s' % (request.get('Method'), request.get('Auth-User'),
                                             request.get('Auth-Realm'), reply['Event-Name']),
               flush=True)
 
@@ -154,6 +159,8 @@ def main(argv=None):
     s = sub.add_parser('serve', help='answer authn_req, advertise media servers')
     s.add_argument('--user', type=_user, action='append', default=[],
                    help='user:password@realm (repeatable)')
+    s.add_argument('--any-user', type=lambda t: _user('*:' + t), action='append', default=[],
+                   help='password@realm: every user of realm has this password (benchmarks)')
     s.add_argument('--media', action='append', default=[], help='a media server SIP URI')
     s.add_argument('--advertise', type=float, default=5.0, help='seconds between heartbeats')
     s.add_argument('--expires', type=int, default=15000, help='heartbeat Expires, ms')
@@ -163,6 +170,7 @@ def main(argv=None):
                    help='seconds before answering each authn_req')
     s.add_argument('--silent-realm', action='append', default=[],
                    help='a realm whose authn_req get no reply (repeatable)')
+    s.add_argument('--quiet', action='store_true', help='print no line per request')
     s.add_argument('--node', default=None)
     d = sub.add_parser('dialog', help='publish a presence dialog_update')
     d.add_argument('presentity', type=_aor)

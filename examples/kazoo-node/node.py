@@ -28,7 +28,8 @@ Environment: KAZOO_GREEN_BROKERS (``;``-separated URLs, as in the first example)
 KAZOO_GREEN_NODE, KAZOO_GREEN_ZONE (default ``local``), KAZOO_GREEN_CTL (kamcmd's
 socket), KAZOO_NODE_DB (the SQLite file, an absolute path; created with Kamailio's own
 schema when missing; default /tmp/kazoo-node.sqlite), KAZOO_NODE_ADVERTISE (seconds
-between this node's heartbeats, default 10), KAZOO_GREEN_QUERY_TIMEOUT (seconds, default
+between this node's heartbeats, default 10), KAZOO_NODE_AUTH_CACHE (``0``: cache no
+password, every REGISTER asks Kazoo), KAZOO_GREEN_QUERY_TIMEOUT (seconds, default
 2), KAZOO_GREEN_VENV (the virtualenv holding kazoo_green, default the project's ``.venv``).
 """
 
@@ -64,6 +65,8 @@ import KSR  # noqa: E402
 DB = os.environ.get('KAZOO_NODE_DB') or '/tmp/kazoo-node.sqlite'
 SCHEMA_DIR = '/usr/share/kamailio/db_sqlite'   # Debian's kamailio-sqlite-modules
 ADVERTISE = float(os.environ.get('KAZOO_NODE_ADVERTISE') or 10)
+# 0: no password cached (every REGISTER asks Kazoo); else the htable's own lifetime.
+USE_AUTH_CACHE = os.environ.get('KAZOO_NODE_AUTH_CACHE', '1') != '0'
 MEDIA_SET = 1
 AUTH_CACHE = 'auth_cache'
 # auth module: qop=auth in challenges; 16 adds stale=true (a nonce that expired)
@@ -252,7 +255,8 @@ class Node(kemi.Handler):
             return self.challenge(realm, result)
         user = KSR.pv.get('$au') or ''
         # REGISTERs only: every call is authorized by Kazoo (which knows its limits).
-        cached = method == 'REGISTER' and KSR.htable.sht_get(AUTH_CACHE, '%s@%s' % (user, realm))
+        cached = USE_AUTH_CACHE and method == 'REGISTER' and \
+            KSR.htable.sht_get(AUTH_CACHE, '%s@%s' % (user, realm))
         if cached:
             entry = json.loads(cached)
             if KSR.auth.pv_auth_check(realm, entry['Auth-Password'], 0, CHECK_ID) == AUTH_OK:
@@ -293,9 +297,10 @@ class Node(kemi.Handler):
                 return self.challenge(realm)   # a wrong password: try again
             ccvs = reply.get('Custom-Channel-Vars')
             ccvs = ccvs if isinstance(ccvs, dict) else {}
-            KSR.htable.sht_sets(AUTH_CACHE, '%s@%s' % (KSR.pv.get('$au'), realm),
-                                json.dumps({'Auth-Password': password,
-                                            'Custom-Channel-Vars': ccvs}))
+            if USE_AUTH_CACHE:
+                KSR.htable.sht_sets(AUTH_CACHE, '%s@%s' % (KSR.pv.get('$au'), realm),
+                                    json.dumps({'Auth-Password': password,
+                                                'Custom-Channel-Vars': ccvs}))
             if KSR.pv.get('$rm') == 'REGISTER':
                 return self.save(ccvs)
             return self.route_invite(ccvs)

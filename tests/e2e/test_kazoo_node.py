@@ -148,10 +148,15 @@ def fake_kazoo(*args):
 
 # -- REGISTER --------------------------------------------------------------------------
 
-def test_register_without_credentials_is_challenged_for_the_to_domain(node):
+def test_register_without_credentials_is_challenged_for_the_to_domain(node, logdir):
     result = scen.Sipp(scen.register('401', challenged=False, check_realm=True),
                        service='alice').wait()
     ok(result)
+    # The database did not exist: the script made it with Kamailio's own schema.
+    import sqlite3
+    with sqlite3.connect(str(logdir / 'kazoo-node.sqlite')) as db:
+        versions = dict(db.execute('select table_name, table_version from version'))
+    assert versions.get('location') and 'location_attrs' in versions, versions
 
 
 def test_register_with_digest_auth_asks_kazoo_saves_the_contact_and_announces(node,
@@ -301,6 +306,13 @@ def test_invite_is_authorized_by_kazoo_and_relayed_with_the_token(node, observer
 
 def test_invite_authn_err_is_forbidden(node):
     ok(scen.Sipp(scen.invite('403'), service='erin', user='erin', password='x').wait())
+
+
+def test_invite_without_a_reply_in_time_is_503(node):
+    result = scen.Sipp(scen.invite('503', domain=SILENT), service='carol', user='carol',
+                       password=USERS['carol']).wait()
+    ok(result)
+    assert result.response_ms[0] >= 2000 * 0.95
 
 
 # -- presence ----------------------------------------------------------------------------
