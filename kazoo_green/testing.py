@@ -30,6 +30,7 @@ What is simulated, and how:
 * ``tm.t_set_fr(fr_inv, fr)`` and ``tm.t_on_failure(name)`` are kept by the transaction:
   a suspended one still suspended ``fr`` ms later runs ``getattr(fake.handler, name)(msg)``
   (tm's failure route; a greenlet timer here), then gets a 408 unless it replied.
+  ``tm.t_reset_fr()`` forgets ``fr`` (nothing expires); ``t_on_failure('')`` clears it.
 * ``tmx.t_continue(index, label, method)`` runs ``getattr(fake.handler, method)(msg)``
   synchronously, with the transaction's request current, once: a transaction that is
   not suspended (never was, or already continued) gives -1. Every call is recorded in
@@ -39,7 +40,8 @@ What is simulated, and how:
   writes a 3xx reply's Contact from it) and the headers given to
   ``hdr.append_to_reply``. A transaction takes one final reply; a second gives -1.
 * ``KSR.err/warn/notice/info/dbg/crit(text)`` go to ``logs`` as ``(level, text)``;
-  ``htable.sht_sets/sht_seti/sht_get/sht_rm`` use ``htables``.
+  ``htable.sht_sets/sht_seti/sht_get/sht_rm`` use ``htables``; ``pua_json.publish(json)``
+  appends the parsed payload to ``pua_published`` (-1 for text that is no JSON object).
 * ``counters.add/inc/reset`` (Kamailio's counters module) keep ``counter_values``
   (``group.name`` -> the value of this one process); a name not declared in ``declared``
   gives -1 and an error line, as in Kamailio. ``$def(NAME)`` reads ``defines``;
