@@ -40,3 +40,37 @@ def test_docstring_examples():
         module = importlib.import_module(name)
         failed, tried = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
         assert failed == 0, name
+
+
+def _fake_kazoo():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(
+        'fake_kazoo', os.path.join(ROOT, 'examples', 'fake_kazoo.py'))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_fake_kazoo_answers_authn_as_kazoo_does():
+    fake = _fake_kazoo()
+    users = {('alice', 'example.com'): 'secret'}
+    reply = fake.authn_reply({'Auth-User': 'alice', 'Auth-Realm': 'example.com'}, users)
+    assert (reply['Event-Name'], reply['Auth-Password']) == ('authn_resp', 'secret')
+    account, device = fake.ids('alice', 'example.com')
+    assert reply['Custom-Channel-Vars']['Account-ID'] == account
+    assert reply['Custom-Channel-Vars']['Authorizing-ID'] == device
+    assert len(account) == len(device) == 32 and account != device
+    other = fake.authn_reply({'Auth-User': 'bob', 'Auth-Realm': 'example.com'}, users)
+    assert other == {'Event-Category': 'directory', 'Event-Name': 'authn_err'}
+    anyone = fake.authn_reply({'Auth-User': 'bob', 'Auth-Realm': 'example.com'}, users,
+                              {'example.com': 'pw'})
+    assert anyone['Auth-Password'] == 'pw'
+    beat = fake.advertise_payload('fk@x', ['sip:mod_sofia@10.0.0.1:5060'], 5000)
+    assert beat['Media-Servers']['fake-media-1']['Interfaces']['sipinterface_1']['info'] == {
+        'url': 'sip:mod_sofia@10.0.0.1:5060'}
+    assert beat['Expires'] == 5000
+
+
+def test_fake_kazoo_command_line_rejects_malformed_users():
+    result = run(sys.executable, 'examples/fake_kazoo.py', 'serve', '--user', 'alice@x')
+    assert result.returncode == 2 and 'user:password@realm' in result.stderr
