@@ -43,6 +43,9 @@ def ids(user, realm=DOMAIN):
 def fake(logdir):
     missing = [t for t in ('kamailio', 'kamcmd', 'sipp') if not shutil.which(t)]
     assert not missing, 'missing %s: run tests/tools/services.sh' % ', '.join(missing)
+    others = harness.rabbit_queues().get('fake-kazoo-authn', (0, 0))[0]
+    assert not others, ('%d other fake Kazoo(s) already answer authn_req on this broker: '
+                        'stop them (pkill -f fake_kazoo.py)' % others)
     args = [harness.PYTHON, FAKE, '--broker', RABBIT_URL, 'serve', '--silent-realm', SILENT]
     for user, password in USERS.items():
         args += ['--user', '%s:%s@%s' % (user, password, DOMAIN)]
