@@ -4,7 +4,7 @@
         --media sip:127.0.0.1:5090 --advertise 5
     python examples/fake_kazoo.py dialog alice@example.com bob@example.com confirmed
     python examples/fake_kazoo.py mwi alice@example.com 2 1
-    python examples/fake_kazoo.py flush alice@example.com
+    python examples/fake_kazoo.py flush alice@example.com     # or: flush example.com
 
 ``serve`` answers ``directory``/``authn_req`` (exchange ``registrar``) from the users
 given (``authn_resp`` with the clear-text ``Auth-Password`` and ``Custom-Channel-Vars``;
@@ -185,7 +185,8 @@ def main(argv=None):
     m.add_argument('--urgent', type=int, default=0)
     m.add_argument('--urgent-saved', type=int, default=0)
     f = sub.add_parser('flush', help='publish a directory reg_flush')
-    f.add_argument('aor', type=_aor)
+    f.add_argument('aor', help='user@realm, or a realm: all its users')
+    f.add_argument('--cache-only', action='store_true')
     args = parser.parse_args(argv)
     if args.command == 'serve':
         return serve(args)
@@ -203,10 +204,13 @@ def main(argv=None):
                     mwi_payload(user, realm, args.new, args.saved, args.urgent,
                                 args.urgent_saved))
     elif args.command == 'flush':
-        user, realm = args.aor
-        publish_one(args, 'registrar', 'registration.flush.%s' % encode(realm), {
-            'Event-Category': 'directory', 'Event-Name': 'reg_flush', 'Username': user,
-            'Realm': realm})
+        user, _, realm = args.aor.rpartition('@')
+        payload = {'Event-Category': 'directory', 'Event-Name': 'reg_flush', 'Realm': realm}
+        if user:
+            payload['Username'] = user
+        if args.cache_only:
+            payload['Cache-Only'] = 'true'
+        publish_one(args, 'registrar', 'registration.flush.%s' % encode(realm), payload)
     return 0
 
 

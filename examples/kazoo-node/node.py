@@ -10,7 +10,8 @@
   success.<realm>.<user>``). Wrong password: 401; ``authn_err``: 403; no reply in
   time: 503.
 * ``directory``/``reg_flush`` (exchange ``registrar``, ``registration.flush.*``): the
-  user's cached password and contacts dropped.
+  user's cached password and contacts dropped (no ``Username``: every user of the
+  ``Realm``; ``Cache-Only: true``: only the cached passwords).
 * Media servers: ``nodes``/``advertise`` heartbeats (exchange ``nodes``, fanout) list
   ``Media-Servers.<name>.Interfaces.<profile>.info.url``; each becomes a destination of
   dispatcher set 1, removed when no heartbeat renewed it within the heartbeat's
@@ -35,6 +36,7 @@ password, every REGISTER asks Kazoo), KAZOO_GREEN_QUERY_TIMEOUT (seconds, defaul
 
 import glob
 import os
+import re
 import sqlite3
 import sys
 import uuid
@@ -115,13 +117,33 @@ def presence_update(payload, meta):
 
 @kz.event_route('kazoo:consumer-event-directory-reg-flush')
 def reg_flush(payload, meta):
-    user, realm = payload.get('Username'), payload.get('Realm')
-    if not (isinstance(user, str) and user and isinstance(realm, str) and realm):
-        raise InvalidPayload('reg_flush needs Username and Realm, got %r / %r' % (user, realm))
-    KSR.htable.sht_rm(AUTH_CACHE, '%s@%s' % (user, realm))
-    if str(payload.get('Cache-Only', '')).lower() != 'true':
-        KSR.registrar.unregister('location', 'sip:%s@%s' % (user, realm))
-    KSR.info('reg_flush: %s@%s dropped\n' % (user, realm))
+    """A user's (or, with no Username, a whole realm's) cached passwords and contacts."""
+    user, realm = payload.get('Username') or '', payload.get('Realm')
+    if not (isinstance(user, str) and isinstance(realm, str) and realm):
+        raise InvalidPayload('reg_flush needs Realm (and Username or none), got %r / %r'
+                             % (user, realm))
+    cache_only = str(payload.get('Cache-Only', '')).lower() == 'true'
+    if user:
+        KSR.htable.sht_rm(AUTH_CACHE, '%s@%s' % (user, realm))
+        aors = ['%s@%s' % (user, realm)]
+    else:
+        KSR.htable.sht_rm_name_re(AUTH_CACHE, '^.*@%s$' % re.escape(realm))
+        aors = [] if cache_only else realm_aors(realm)
+    if not cache_only:
+        for aor in aors:
+            KSR.registrar.unregister('location', 'sip:' + aor)
+    KSR.info('reg_flush: %s@%s dropped%s\n' % (user or '*', realm,
+                                                ' (cache only)' if cache_only else ''))
+
+
+def realm_aors(realm):
+    """The registered AoRs of ``realm`` (usrloc's ul.dump, over jsonrpcs)."""
+    KSR.jsonrpcs.exec(json.dumps({'jsonrpc': '2.0', 'method': 'ul.dump', 'params': ['brief'],
+                                  'id': 1}))
+    body = KSR.pv.get('$jsonrpl(body)') or ''
+    suffix = '@' + realm
+    return sorted({aor for aor in re.findall(r'"AoR"\s*:\s*"([^"]+)"', body)
+                   if aor.endswith(suffix)})
 
 
 class MediaServers(object):

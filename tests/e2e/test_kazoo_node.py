@@ -252,6 +252,21 @@ def test_reg_flush_drops_the_cached_password_and_the_contacts(node, observer):
     assert contacts(node, 'alice')
 
 
+def test_a_realm_wide_reg_flush_drops_every_user_of_the_realm(node, observer):
+    ok(register('bob'))
+    ok(register('frank'))
+    assert contacts(node, 'alice') and contacts(node, 'bob') and contacts(node, 'frank')
+    assert cached(node, 'alice') and cached(node, 'bob')
+    fake_kazoo('flush', '--cache-only', DOMAIN)
+    assert wait_for(lambda: not cached(node, 'alice') and not cached(node, 'bob'), 10)
+    assert contacts(node, 'alice') and contacts(node, 'bob')   # only the cache
+    fake_kazoo('flush', DOMAIN)
+    assert wait_for(lambda: not (contacts(node, 'alice') or contacts(node, 'bob')
+                                 or contacts(node, 'frank')), 10)
+    ok(register('alice'))   # asks Kazoo again, registers again
+    assert contacts(node, 'alice') and cached(node, 'alice')
+
+
 # -- media servers, INVITE --------------------------------------------------------------
 
 def advertise(observer, expires_ms, *urls):
