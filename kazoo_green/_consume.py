@@ -405,12 +405,12 @@ class Subscriber(object):
                 self.stats.handler_errors += 1
                 # A handler refusing its payload (InvalidPayload) is bad input, said in one
                 # line; anything else is a bug in the handler: its traceback.
-                log.log(logging.WARNING if isinstance(exc, InvalidPayload) else logging.ERROR,
+                refused = isinstance(exc, InvalidPayload)
+                log.log(logging.WARNING if refused else logging.ERROR,
                         'event route %s failed (exchange %s, routing key %s)%s%s', route,
                         _logs.short(meta.exchange), _logs.short(meta.routing_key),
                         '; message rejected' if sub.ack == 'late' else '',
-                        ': %s' % exc if isinstance(exc, InvalidPayload) else '',
-                        exc_info=not isinstance(exc, InvalidPayload))
+                        ': %s' % exc if refused else '', exc_info=not refused)
                 if not settled:
                     settled = True
                     self._settle(sub, channel, raw.delivery_tag, False)

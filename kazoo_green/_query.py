@@ -1,8 +1,8 @@
 """Queries: one reply queue per process, both reply styles, correlation by Msg-ID."""
 
+import itertools
 import logging
 import socket
-import itertools
 from collections import deque
 from time import monotonic
 
@@ -27,10 +27,10 @@ log = logging.getLogger('kazoo_green')
 #: The consumer tags of the reply queues (basic.consume on direct reply-to, and on
 #: the Kazoo-style queue) as AMQP short strings; FastPath.ask returns their messages
 #: undispatched.
+_REPLY_TAGS = (b'\x0bkg-reply-to', b'\x0bkg-targeted')
 # Each ReplyWaiter's number in its process: part of its reply queue's name, so two of one
 # node in one process (two runtimes, or two zones on one broker) never share a queue.
 _SERIAL = itertools.count(1)
-_REPLY_TAGS = (b'\x0bkg-reply-to', b'\x0bkg-targeted')
 
 
 class _Waiting(object):

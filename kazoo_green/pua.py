@@ -124,7 +124,11 @@ def pua_json_payload(payload, package=None):
         if not new and not _text(payload, 'MWI-Voice-Message'):
             raise InvalidPayload('an MWI update needs Messages-New (or MWI-Voice-Message)')
         if not _text(payload, 'Messages-Waiting'):
-            out['Messages-Waiting'] = 'yes' if new and int(float(new)) > 0 else 'no'
+            try:
+                waiting = bool(new) and float(new) > 0
+            except ValueError:
+                raise InvalidPayload('Messages-New must be a number, not %r' % (new,))
+            out['Messages-Waiting'] = 'yes' if waiting else 'no'
         for name in ('Messages-Saved', 'Messages-Urgent', 'Messages-Urgent-Saved'):
             out.setdefault(name, 0)
         out.setdefault('Message-Account', 'sip:%s@%s' % (user, realm))

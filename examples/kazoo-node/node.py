@@ -137,13 +137,23 @@ def reg_flush(payload, meta):
 
 
 def realm_aors(realm):
-    """The registered AoRs of ``realm`` (usrloc's ul.dump, over jsonrpcs)."""
-    KSR.jsonrpcs.exec(json.dumps({'jsonrpc': '2.0', 'method': 'ul.dump', 'params': ['brief'],
-                                  'id': 1}))
-    body = KSR.pv.get('$jsonrpl(body)') or ''
+    """The registered AoRs of ``realm`` (usrloc's ul.dump)."""
+    body = rpc('ul.dump', 'brief') or ''
     suffix = '@' + realm
     return sorted({aor for aor in re.findall(r'"AoR"\s*:\s*"([^"]+)"', body)
                    if aor.endswith(suffix)})
+
+
+def rpc(method, *params):
+    """Kamailio's RPC ``method`` from the script (jsonrpcs): the reply's JSON text, or
+    None (logged) when it failed."""
+    KSR.jsonrpcs.exec(json.dumps({'jsonrpc': '2.0', 'method': method, 'params': list(params),
+                                  'id': 1}))
+    code = KSR.pv.get('$jsonrpl(code)')
+    if code is None or int(code) != 200:
+        KSR.err('%s %s: %s\n' % (method, params, KSR.pv.get('$jsonrpl(body)')))
+        return None
+    return KSR.pv.get('$jsonrpl(body)')
 
 
 class MediaServers(object):
@@ -173,7 +183,7 @@ class MediaServers(object):
                 if not isinstance(url, str) or not url.startswith('sip'):
                     continue
                 url = _host_uri(url)
-                if url not in self.expiry and self._rpc('dispatcher.add', MEDIA_SET, url) >= 0:
+                if url not in self.expiry and rpc('dispatcher.add', MEDIA_SET, url) is not None:
                     KSR.info('media server %s (%s) added to set %d\n' % (url, name, MEDIA_SET))
                 self.expiry[url] = until
 
@@ -184,20 +194,9 @@ class MediaServers(object):
             for url, until in list(self.expiry.items()):
                 if until <= now:
                     del self.expiry[url]
-                    self._rpc('dispatcher.remove', MEDIA_SET, url)
+                    rpc('dispatcher.remove', MEDIA_SET, url)
                     KSR.info('media server %s expired: removed from set %d\n'
                              % (url, MEDIA_SET))
-
-    @staticmethod
-    def _rpc(method, *params):
-        request = json.dumps({'jsonrpc': '2.0', 'method': method, 'params': list(params),
-                              'id': 1})
-        KSR.jsonrpcs.exec(request)
-        code = KSR.pv.get('$jsonrpl(code)')
-        if code is None or int(code) != 200:
-            KSR.err('%s %s: %s\n' % (method, params, KSR.pv.get('$jsonrpl(body)')))
-            return -1
-        return 1
 
 
 def _host_uri(url):

@@ -73,12 +73,6 @@ def register(final='200', domain=DOMAIN, expires=3600, challenged=True, check_re
     return xml + '</scenario>\n'
 
 
-def register_again(domain=DOMAIN, expires=3600):
-    """A re-REGISTER that answers its own challenge, ending 200 (the nonce is kept by
-    sipp for the call: one challenge per call)."""
-    return register('200', domain, expires)
-
-
 _INVITE = '''  <send%(rtd)s>
     <![CDATA[
 
@@ -243,7 +237,6 @@ class Sipp(object):
     def wait(self):
         if self._result is None:
             out, err = self.proc.communicate(timeout=self.max_seconds + 30)
-            self.proc.stdout_text, self.proc.stderr_text = out, err
             self._result = harness._parse(self.workdir, _Done(self.proc.returncode, out, err))
             self._result.workdir = self.workdir
         return self._result
