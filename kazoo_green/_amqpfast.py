@@ -481,8 +481,10 @@ class FastPath(object):
         self._write(_frame(1, channel_id, _PROBE_DECLARE))
         self.connection.bytes_sent += 1
 
-    def ack(self, channel_id, delivery_tag):
-        self._write(_ACK.pack(1, channel_id, 13, 60, 80, delivery_tag, 0, 0xce))
+    def ack(self, channel_id, delivery_tag, multiple=False):
+        """basic.ack of ``delivery_tag`` (``multiple``: and of every earlier one)."""
+        self._write(_ACK.pack(1, channel_id, 13, 60, 80, delivery_tag, 1 if multiple else 0,
+                              0xce))
         self.connection.bytes_sent += 1
 
     def reject(self, channel_id, delivery_tag, requeue=False):

@@ -403,6 +403,12 @@ class Link(object):
         except Exception:
             pass
 
+    def owns(self, channel):
+        """Whether ``channel`` is a channel of this link's connection, and it is up: a
+        delivery tag of a channel of an earlier connection means nothing on this one."""
+        return (self.connected and getattr(channel, 'connection', None) is self._raw
+                and getattr(channel, 'is_open', True))
+
     def lost(self, exc, generation=None, failure=True):
         """The connection of ``generation`` died: drop it, tell everybody once.
 

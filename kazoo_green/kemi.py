@@ -39,8 +39,8 @@ sent), so the reply alone is enough: it comes back through the instance's queue
 ``<node>-resume`` (bound to ``targeted``, declared by every process before its first
 request), which every consumer process reads (``kazoo_consumer``, and any number of
 ``kazoo_resumer`` processes: ``rtimer`` ``mode=N``); the broker spreads the replies
-over them (acks after the resume, a bounded prefetch: a busy process gets no more, a
-dead one's are redelivered to another). A reply after its deadline is not resumed (tm
+over them (acks after the resume, several in one frame: ``_acks``; a bounded prefetch:
+a busy process gets no more, a dead one's are redelivered to another). A reply after its deadline is not resumed (tm
 answered it through ``on_timeout``; counted ``async_late``). No reply: tm's timer fires
 in its own process and the failure route runs ``on_timeout``, whether or not a consumer
 process is alive. While replies are resumed late, a share of new async queries is
@@ -58,6 +58,7 @@ import gevent
 import gevent.local
 
 from . import _defaults as D, _logs, runtime
+from ._acks import AckWindow
 from ._admission import INTERVAL as ADMISSION_INTERVAL, Admission
 from ._kamstats import PUSH_INTERVAL, KamailioStats
 from ._query import done_within
@@ -81,6 +82,10 @@ _RESUME_ROUTE = 'kazoo_resume_'
 _DONE_TTL = 60.0
 #: Unacked replies a consumer process holds: more go to the others.
 ASYNC_PREFETCH = 32
+#: Resumed replies are acked together (one basic.ack ``multiple``), when this many are
+#: done or ACK_DELAY seconds after the first of them (``_acks.AckWindow``).
+ACK_BATCH = 8
+ACK_DELAY = 0.01
 #: Default ``Kazoo(shed_lag=)``: a standing lag of a quarter second sheds new async queries.
 SHED_LAG = 0.25
 
@@ -336,13 +341,14 @@ class Kazoo(runtime.Kazoo):
             channel = conn.channel()
             self._declare_async_queue(conn, channel)
             channel.basic_qos(0, ASYNC_PREFETCH, False)
+            acks = AckWindow(link, channel, ACK_BATCH, ACK_DELAY, self._ack_failed)
 
             def on_message(raw):
-                self._on_async_message(raw, link, channel)
+                self._on_async_message(raw, acks)
             link.consume(channel, self.async_queue, 'kg-async', on_message, False)
         return consume_async_queue
 
-    def _on_async_message(self, message, link=None, channel=None):
+    def _on_async_message(self, message, acks=None):
         """Runs in the reading greenlet: hand every resume to a worker. Never raises."""
         tag = getattr(message, 'delivery_tag', None)
         try:
@@ -356,7 +362,7 @@ class Kazoo(runtime.Kazoo):
             self._stats.bad_input += 1
             _logs.bad_input.warning('bad message on %s (%d bytes): %s', self.async_queue,
                                     len(message.body or b''), exc)
-            self._ack(link, channel, tag)
+            self._ack(acks, tag)
             return
         stamp_received(payload, self.zone)   # as consumed messages and sync replies
         msg_id = message.properties.get('correlation_id') or payload.get('Msg-ID')
@@ -365,15 +371,15 @@ class Kazoo(runtime.Kazoo):
             self._stats.replies_unmatched += 1
             _logs.bad_input.warning('reply on %s without an async Msg-ID: %s',
                                     self.async_queue, _logs.short(msg_id))
-            self._ack(link, channel, tag)
+            self._ack(acks, tag)
             return
-        self._finish(msg_id, info, payload, link, channel, tag)
+        self._finish(msg_id, info, payload, acks, tag)
 
-    def _finish(self, msg_id, info, payload, link=None, channel=None, tag=None):
+    def _finish(self, msg_id, info, payload, acks=None, tag=None):
         index, label, on_reply, on_timeout, deadline, sent, exchange = info
         if msg_id in self._async_done:
             self._stats.replies_unmatched += 1  # a second copy
-            self._ack(link, channel, tag)
+            self._ack(acks, tag)
             return
         now = monotonic()
         if self._admission is not None:
@@ -381,35 +387,35 @@ class Kazoo(runtime.Kazoo):
         if now > deadline:
             # tm answers it (answered) through on_timeout: shed, do not resume late.
             self._stats.async_late += 1
-            self._ack(link, channel, tag)
+            self._ack(acks, tag)
             return
         self._mark_done(msg_id, now)
-        self._stats.queries_ok += 1
-        self._stats.observe('query_seconds', exchange, now - sent)
-        self.dispatcher.submit(self._resume_reply,
-                               (index, label, on_reply, payload, link, channel, tag))
+        self.dispatcher.submit(self._resume_reply, (index, label, on_reply, payload, acks, tag,
+                                                    exchange, now - sent))
 
-    def _resume_reply(self, index, label, method, payload, link, channel, tag):
+    def _resume_reply(self, index, label, method, payload, acks, tag, exchange, seconds):
         try:
-            self._continue(index, label, method, payload, None, expected=False)
-        finally:
-            self._ack(link, channel, tag)
-
-    def _ack(self, link, channel, tag):
-        """Ack one delivery of the resume queue (after its resume). Never raises."""
-        if link is None or tag is None:
-            return
-        if not link.connected or channel is None or not getattr(channel, 'is_open', True):
-            return   # the broker has requeued it with the connection: another resumes it
-        try:
-            fast = link.fast
-            if fast is not None:
-                link.write(fast.ack, channel.channel_id, tag)
+            if self._continue(index, label, method, payload, None, expected=False):
+                self._stats.queries_ok += 1
+                self._stats.observe('query_seconds', exchange, seconds)
             else:
-                link.write(channel.basic_ack, tag, False)
-        except KazooError as exc:
-            self._stats.ack_failed += 1
-            log.warning('cannot ack a reply on %s: %s', self.async_queue, exc)
+                # No longer suspended: tm answered it at its deadline meanwhile, or this
+                # is a copy redelivered after another process resumed it (and lost its
+                # connection before the ack).
+                self._stats.replies_unmatched += 1
+        finally:
+            self._ack(acks, tag)
+
+    @staticmethod
+    def _ack(acks, tag):
+        """One delivery of the resume queue is done with (after its resume): acked with
+        the others of its window. Never raises."""
+        if acks is not None and tag is not None:
+            acks.done(tag)
+
+    def _ack_failed(self, exc):
+        self._stats.ack_failed += 1
+        log.warning('cannot ack replies on %s: %s', self.async_queue, exc)
 
     def _mark_done(self, msg_id, now):
         done, order = self._async_done, self._async_done_order

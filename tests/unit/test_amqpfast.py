@@ -222,10 +222,12 @@ def test_what_py_amqp_read_ahead_is_read_first():
 def test_ack_and_reject_frames(tls):
     pair = Pair(tls=tls)
     pair.fast.ack(3, 42)
+    pair.fast.ack(3, 45, multiple=True)
     pair.fast.reject(3, 43)
     pair.fast.reject(3, 44, requeue=True)
     expected = b''.join([
         pyamqp_frames(131072, 3, (60, 80), amqp.serialization.dumps('Lb', (42, False))),
+        pyamqp_frames(131072, 3, (60, 80), amqp.serialization.dumps('Lb', (45, True))),
         pyamqp_frames(131072, 3, (60, 90), amqp.serialization.dumps('Lb', (43, False))),
         pyamqp_frames(131072, 3, (60, 90), amqp.serialization.dumps('Lb', (44, True)))])
     assert pair.received(len(expected)) == expected

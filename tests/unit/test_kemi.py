@@ -429,21 +429,42 @@ def test_resumer_processes_resume_and_leave_subscriptions_alone(kamailio, respon
     assert resumer.stats()['consumed'] == 0
 
 
-def test_a_second_reply_is_dropped(kamailio, runtimes, fake):
-    instance = kamailio()
-    consumer = instance.consumer()
+def suspended_invite(kamailio, runtimes, fake):
+    """A consumer process, a sender and an INVITE whose transaction is suspended; returns
+    (consumer, msg, send) where ``send(**fields)`` publishes a reply for it."""
+    consumer = kamailio().consumer()
     fake.handler = Router(consumer)
     sender = runtimes(MEM)
     msg = fake.request('INVITE')
     fake.tmx.t_suspend()
     msg_id = async_id(msg.transaction, monotonic() + 30)
+
+    def send(**fields):
+        sender.publish('targeted', consumer.async_queue, dict(
+            {'Event-Category': 'route', 'Event-Name': 'resp', 'Msg-ID': msg_id}, **fields))
+    return consumer, msg, send
+
+
+def test_a_second_reply_is_dropped(kamailio, runtimes, fake):
+    consumer, _, send = suspended_invite(kamailio, runtimes, fake)
     for n in range(2):
-        sender.publish('targeted', consumer.async_queue, {
-            'Event-Category': 'route', 'Event-Name': 'resp', 'Msg-ID': msg_id, 'n': n})
+        send(n=n)
     assert wait_for(lambda: consumer.stats()['replies_unmatched'] == 1)
     gevent.sleep(0.05)
     assert [c.method for c in fake.continues] == ['kazoo_resume_route_reply']
     assert fake.handler.resumed[0][1]['n'] == 0
+
+
+def test_a_reply_for_a_transaction_no_longer_suspended_is_unmatched_not_ok(kamailio, runtimes,
+                                                                          fake):
+    """A copy redelivered after another process resumed it (and lost its connection before
+    the ack), or one that raced tm's deadline: t_continue refuses it."""
+    consumer, msg, send = suspended_invite(kamailio, runtimes, fake)
+    msg.transaction.suspended = False   # resumed by another process meanwhile
+    send()
+    assert wait_for(lambda: consumer.stats()['replies_unmatched'] == 1)
+    assert [c.result for c in fake.continues] == [-1]
+    assert consumer.stats()['queries_ok'] == 0 and fake.handler.resumed == []
 
 
 def test_consumer_survives_bad_messages_on_the_async_queue(kamailio, responder, fake):
