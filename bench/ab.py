@@ -4,7 +4,8 @@ one run's spread (what kazoo_green's statistics cost: kg-sync against kg-sync-no
 Each run: a fresh Kamailio of the system, warmed up with 200 calls at 100 cps, then
 ``--seconds`` of sipp at ``--rate`` cps; the Kamailio CPU (utime+stime) per answered call
 split by process kind as ``kamcmd core.psx`` names them: SIP workers (udp receivers), the
-consumer process (rtimer) and the rest. Runs alternate A B B A A B ..., so a drift of
+consumer processes (kg's rtimers, the C kazoo module's AMQP processes, http_async_client's
+and the core async workers: see RESUMERS) and the rest. Runs alternate A B B A A B ..., so a drift of
 the machine falls on both. Prints every run, then per system the mean and standard
 deviation, and the difference of the means with its standard error.
 
@@ -29,6 +30,10 @@ import compare  # noqa: E402  (bench/compare.py: the systems, Kamailio, sipp)
 from compare import ALL_SYSTEMS, CTL, TICK, harness  # noqa: E402
 
 KINDS = ('workers', 'consumer', 'rest')
+#: What core.psx calls the processes that resume suspended transactions (or, for the
+#: C kazoo module, publish and consume for the SIP workers): kg's rtimer processes, the
+#: C kazoo module's AMQP processes, http_async_client's and the core async workers.
+RESUMERS = ('rtimer', 'amqp', 'http async worker', 'async task worker')
 
 
 def _ticks(pid):
@@ -49,7 +54,7 @@ def process_kinds():
         elif key == 'DSC' and pid is not None:
             value = value.lower()
             kinds[pid] = ('workers' if 'udp receiver' in value else
-                          'consumer' if 'rtimer' in value else 'rest')
+                          'consumer' if any(k in value for k in RESUMERS) else 'rest')
     return kinds
 
 

@@ -1,6 +1,6 @@
 """kazoo_green against Kamailio's C modules: same responder, same SIP load, one run.
 
-Eight systems, each a Kamailio started from its own config, answer the same INVITE
+Nine systems, each a Kamailio started from its own config, answer the same INVITE
 (R-URI user -> query ``callmgr``/``route.req`` -> 302 to ``sip:<user>@127.0.0.1:5090``),
 one at a time, restarted for every measurement (only one can hold 127.0.0.1:5060):
 
@@ -12,6 +12,9 @@ one at a time, restarted for every measurement (only one can hold 127.0.0.1:5060
     py-bound    bench/systems/bound.cfg, kg-sync's routing with a hand-written query (no
                 layers, no error handling): the least a sync query in Python can cost
     floor       bench/systems/floor.cfg, app_python3 answering without any AMQP
+    floor-async bench/systems/floor_async.cfg, the same answer from a second Python route
+                (suspended with the async module, resumed by a core async worker): the
+                least an async design with Python routes costs, without AMQP
     http-async  bench/systems/http_async.cfg, the same decision over HTTP instead of
                 AMQP: http_async_client (suspend/resume, as kg-async) asking
                 bench/http_responder.py (started here)
@@ -146,6 +149,8 @@ SYSTEMS = collections.OrderedDict((s.name, s) for s in (
            None, 'rabbitmq'),
     System('py-bound', os.path.join(SYSTEMS_DIR, 'bound.cfg'), 'benchuser', None, None),
     System('floor', os.path.join(SYSTEMS_DIR, 'floor.cfg'), 'benchuser', None, None),
+    System('floor-async', os.path.join(SYSTEMS_DIR, 'floor_async.cfg'), 'benchuser', None,
+           'async'),
     System('http-async', os.path.join(SYSTEMS_DIR, 'http_async.cfg'), 'benchuser', None,
            'http_async_client', None,
            {'KG_BENCH_HTTP_URL': 'http://127.0.0.1:%d/route/' % HTTP_PORT}),
