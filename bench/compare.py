@@ -649,7 +649,7 @@ def parse_args():
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--systems', default=','.join(SYSTEMS),
-                   help='comma-separated subset of: %s (default: the first eight)'
+                   help='comma-separated subset of: %s (default: the first nine)'
                    % ', '.join(ALL_SYSTEMS))
     p.add_argument('--rates', help='fixed offered rates, cps (default 500,1000,2000)')
     p.add_argument('--seconds', type=int, help='seconds per fixed rate (default 10)')
