@@ -3,7 +3,8 @@ one run's spread (what kazoo_green's statistics cost: kg-sync against kg-sync-no
 
 Each run: a fresh Kamailio of the system, warmed up with 200 calls at 100 cps, then
 ``--seconds`` of sipp at ``--rate`` cps; the Kamailio CPU (utime+stime) per answered call
-split by process kind as ``kamcmd core.psx`` names them: SIP workers (udp receivers), the
+split by process kind (each run's row also gives the kernel's part, ``<kind>_sys``) as
+``kamcmd core.psx`` names them: SIP workers (udp receivers), the
 consumer processes (kg's rtimers, the C kazoo module's AMQP processes, http_async_client's
 and the core async workers: see RESUMERS) and the rest. Runs alternate A B B A A B ..., so a drift of
 the machine falls on both. Prints every run, then per system the mean and standard
@@ -37,9 +38,10 @@ RESUMERS = ('rtimer', 'amqp', 'http async worker', 'async task worker')
 
 
 def _ticks(pid):
+    """(utime + stime, stime) of ``pid``, in clock ticks."""
     with open('/proc/%d/stat' % pid) as f:
         fields = f.read().rsplit(')', 1)[1].split()
-    return int(fields[11]) + int(fields[12])
+    return int(fields[11]) + int(fields[12]), int(fields[12])
 
 
 def process_kinds():
@@ -73,12 +75,16 @@ def run(system, rate, seconds, logdir, n):
     finally:
         kamailio.stop()
     answered = result.counts.get('302', 0)
-    cpu = collections.Counter()
+    cpu, system_cpu = collections.Counter(), collections.Counter()
     for pid in kamailio.pids:
-        cpu[kinds.get(pid, 'rest')] += after[pid] - before[pid]
-    per_call = {k: (cpu[k] / float(TICK) * 1e6 / answered if answered else None)
-                for k in KINDS}
-    total = sum(v for v in per_call.values() if v is not None) if answered else None
+        kind = kinds.get(pid, 'rest')
+        cpu[kind] += after[pid][0] - before[pid][0]
+        system_cpu[kind + '_sys'] += after[pid][1] - before[pid][1]
+    # Per kind its whole CPU, and (``<kind>_sys``) the kernel's part of it.
+    per_call = {k: (c[k] / float(TICK) * 1e6 / answered if answered else None)
+                for c, names in ((cpu, KINDS), (system_cpu, [k + '_sys' for k in KINDS]))
+                for k in names}
+    total = sum(per_call[k] for k in KINDS if per_call[k] is not None) if answered else None
     return dict(system=system.name, calls=calls, answered=answered, total=total,
                 p99=result.percentile(99), healthy=health is None, **per_call)
 

@@ -2,7 +2,7 @@
 
 The resume queue's deliveries are acked after their resume, each exactly once (resumed,
 late, a second copy or bad). Writing one ``basic.ack`` per delivery costs a consuming
-process a TCP send per reply, a third of its CPU per resume on loopback; one
+process a TCP send per reply (the largest item of py-spy's samples there); one
 ``basic.ack`` with ``multiple`` acks every delivery up to its tag. So an ``AckWindow``
 counts the deliveries done in tag order and writes an ack when ``batch`` of them are
 pending, or ``delay`` seconds after the first of them, whichever is first. A tag is only
@@ -65,7 +65,7 @@ class AckWindow(object):
     def flush(self):
         """Write the ack of every delivery done so far. Never raises."""
         timer, self._timer = self._timer, None
-        if timer is not None and timer is not gevent.getcurrent():
+        if timer is not None:   # None in the timer's own greenlet: _flush_later cleared it
             timer.kill(block=False)
         tag = self._contiguous
         if tag <= self._acked:
