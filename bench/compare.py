@@ -124,7 +124,7 @@ class TLSNodeBroker(object):
 
 def _kg_ready(kamailio):
     """The example's own readiness: consumer link up and its resume queue consumed by
-    both consumer processes."""
+    two processes (the two kazoo_resumer)."""
     queues = TLSNodeBroker.queues if kamailio.system.broker else harness.rabbit_queues
     return ('consume link: connected' in kamailio.log()
             and queues().get('%s-resume' % NODE, (0, 0))[0] >= 2)

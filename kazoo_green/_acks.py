@@ -11,6 +11,7 @@ is never acked (the process dying then leaves it to the broker to deliver to ano
 """
 
 import logging
+from time import monotonic
 
 import gevent
 
@@ -22,15 +23,19 @@ log = logging.getLogger('kazoo_green')
 class AckWindow(object):
     """The acks of one consuming channel (delivery tags 1, 2, ... as the broker counts)."""
 
-    __slots__ = ('link', 'channel', 'batch', 'delay', 'on_error', '_acked', '_contiguous',
-                 '_done', '_timer')
+    __slots__ = ('link', 'channel', 'batch', 'delay', 'on_error', 'timer', 'due', '_acked',
+                 '_contiguous', '_done', '_timer')
 
-    def __init__(self, link, channel, batch, delay, on_error=None):
+    def __init__(self, link, channel, batch, delay, on_error=None, timer=True):
         self.link = link
         self.channel = channel
         self.batch = batch
         self.delay = delay
         self.on_error = on_error    # called with the KazooError of a failed write
+        #: False: no timer greenlet; whoever drives the process calls ``flush`` once
+        #: ``due`` (monotonic seconds; None: nothing waits) has passed (_resumeloop).
+        self.timer = timer
+        self.due = None
         self._acked = 0             # every tag <= _acked is acked on the wire
         self._contiguous = 0        # every tag <= _contiguous is done
         self._done = set()          # done tags above _contiguous (finished out of order)
@@ -55,6 +60,9 @@ class AckWindow(object):
         self._contiguous = last
         if self._contiguous - self._acked >= self.batch:
             self.flush()
+        elif not self.timer:
+            if self.due is None:
+                self.due = monotonic() + self.delay
         elif self._timer is None:
             self._timer = gevent.spawn_later(self.delay, self._flush_later)
 
@@ -65,6 +73,7 @@ class AckWindow(object):
     def flush(self):
         """Write the ack of every delivery done so far. Never raises."""
         timer, self._timer = self._timer, None
+        self.due = None
         if timer is not None:   # None in the timer's own greenlet: _flush_later cleared it
             timer.kill(block=False)
         tag = self._contiguous

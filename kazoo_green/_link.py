@@ -93,6 +93,9 @@ class Link(object):
         #: Without a background reader, wait with poll(2) instead of gevent's hub
         #: (Kamailio SIP workers: nothing else runs there anyway).
         self.blocking = blocking
+        #: Negotiate heartbeats without a background reader: whoever drives the link
+        #: calls ``heartbeat_check`` (a resuming process's loop, see _resumeloop).
+        self.keepalive = False
         #: The broker list and its failover policy (round-robin, TLS per broker).
         self.brokers = Brokers(urls, ssl, connect_timeout)
         self.urls = self.brokers.urls
@@ -187,7 +190,7 @@ class Link(object):
             self.brokers.kombu_url(),
             failover_strategy='round-robin',
             connect_timeout=self.connect_timeout,
-            heartbeat=self.heartbeat if self._reader is not None else 0,
+            heartbeat=self.heartbeat if self._reader is not None or self.keepalive else 0,
             transport_options=opts,
         )
         self.errors = tuple(conn.connection_errors) + tuple(conn.channel_errors) + (OSError,)
@@ -452,6 +455,15 @@ class Link(object):
             fast.drain(timeout)
         else:
             self._conn.transport.drain_events(self._raw, timeout=timeout)
+
+    def beat(self, gen):
+        """Heartbeats of the connection of generation ``gen``: send one if due, raise
+        (one of ``errors``) if the broker has been silent for two intervals."""
+        with self._wlock:
+            # Waiting for the lock let writers run: one may have found the connection
+            # dead meanwhile.
+            if gen == self.generation and self.connected:
+                self._conn.transport.heartbeat_check(self._raw, rate=2)
 
     def write(self, fn, *args, **kwargs):
         """Call ``fn``, which only writes, with the write lock held."""

@@ -56,7 +56,6 @@ class Reader(object):
                     continue
                 delay = D.RECONNECT_DELAY
             gen = link.generation
-            conn = link._conn
             try:
                 with link._rlock:
                     try:
@@ -67,11 +66,7 @@ class Reader(object):
                 now = monotonic()
                 if now >= next_beat:
                     next_beat = now + link.poll_interval
-                    with link._wlock:
-                        # Waiting for the lock let writers run: one may have found
-                        # the connection dead meanwhile.
-                        if gen == link.generation and link.connected:
-                            conn.transport.heartbeat_check(link._raw, rate=2)
+                    link.beat(gen)
             except link.errors as exc:
                 link.lost(exc, gen)
                 continue

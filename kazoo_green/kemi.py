@@ -37,8 +37,10 @@ suspends it (``t_suspend``) and publishes the request, one message. Everything a
 needs travels in the request's ``Msg-ID`` (transaction, methods, deadline, when it was
 sent), so the reply alone is enough: it comes back through the instance's queue
 ``<node>-resume`` (bound to ``targeted``, declared by every process before its first
-request), which every consumer process reads (``kazoo_consumer``, and any number of
-``kazoo_resumer`` processes: ``rtimer`` ``mode=N``); the broker spreads the replies
+request), which every consumer process reads (``kazoo_consumer`` unless
+``resume_in_consumer=False``, and any number of ``kazoo_resumer`` processes: ``rtimer``
+``mode=N``, each one blocking loop without gevent's hub: ``_resumeloop``); the broker
+spreads the replies
 over them (acks after the resume, several in one frame: ``_acks``; a bounded prefetch:
 a busy process gets no more, a dead one's are redelivered to another). A reply after its deadline is not resumed (tm
 answered it through ``on_timeout``; counted ``async_late``). No reply: tm's timer fires
@@ -62,6 +64,7 @@ from ._acks import AckWindow
 from ._admission import INTERVAL as ADMISSION_INTERVAL, Admission
 from ._kamstats import PUSH_INTERVAL, KamailioStats
 from ._query import done_within
+from ._resumeloop import ResumeLoop
 from .errors import BadMessage, KazooError, Overloaded
 from .wire import dumps, loads_payload, new_msg_id, stamp_received
 
@@ -83,9 +86,11 @@ _DONE_TTL = 60.0
 #: Unacked replies a consumer process holds: more go to the others.
 ASYNC_PREFETCH = 32
 #: Resumed replies are acked together (one basic.ack ``multiple``), when this many are
-#: done or ACK_DELAY seconds after the first of them (``_acks.AckWindow``).
-ACK_BATCH = 8
-ACK_DELAY = 0.01
+#: done or ACK_DELAY seconds after the first of them (``_acks.AckWindow``): an ack's
+#: loopback TCP write costs about what a resume's ``t_reply`` does (py-spy of a resuming
+#: process), so the fewer the better, within the prefetch (ASYNC_PREFETCH).
+ACK_BATCH = 16
+ACK_DELAY = 0.03
 #: Default ``Kazoo(shed_lag=)``: a standing lag of a quarter second sheds new async queries.
 SHED_LAG = 0.25
 
@@ -152,11 +157,15 @@ def _counted(method):
 class Kazoo(runtime.Kazoo):
     """A runtime with Kamailio's async query (suspend/resume) on top."""
 
-    def __init__(self, brokers=None, shed_lag=SHED_LAG, **kwargs):
+    def __init__(self, brokers=None, shed_lag=SHED_LAG, resume_in_consumer=True, **kwargs):
         """As ``kazoo_green.Kazoo``, plus ``shed_lag``: seconds of lag (reply resumed
         minus request sent) that, when even the quickest reply of an interval takes
         longer, make SIP workers refuse a growing share of new async queries with
-        ``Overloaded`` (see ``kazoo_green._admission``); None: never refuse."""
+        ``Overloaded`` (see ``kazoo_green._admission``); None: never refuse.
+        ``resume_in_consumer=False``: the ``kazoo_consumer`` process runs event routes
+        only and leaves every async resume to the ``kazoo_resumer`` processes (at least
+        one must be configured then: without one, every async query ends at its
+        timeout), which resume without gevent's hub in the way (``_resumeloop``)."""
         kwargs.setdefault('app_name', 'kamailio')
         # Before the fork (mod_init): the mapping is shared by every process.
         self._admission = Admission(shed_lag) if shed_lag is not None else None
@@ -168,6 +177,10 @@ class Kazoo(runtime.Kazoo):
         self._async_done = set()   # Msg-IDs resumed in the last _DONE_TTL seconds
         self._async_done_order = deque()  # (time, Msg-ID), oldest first
         self._consuming_async = False
+        self.resume_in_consumer = resume_in_consumer
+        #: The ResumeLoop driving this process (a ``kazoo_resumer``), else None.
+        self._loop = None
+        self._ack_windows = {}   # consuming link -> the AckWindow of its resume queue
         #: This process's share of Kamailio's ``kazoo_green`` statistics.
         self.kamailio_stats = KamailioStats(self)
         self._pub_link.add_up_hook(self._declare_async_queue)
@@ -341,7 +354,9 @@ class Kazoo(runtime.Kazoo):
             channel = conn.channel()
             self._declare_async_queue(conn, channel)
             channel.basic_qos(0, ASYNC_PREFETCH, False)
-            acks = AckWindow(link, channel, ACK_BATCH, ACK_DELAY, self._ack_failed)
+            acks = AckWindow(link, channel, ACK_BATCH, ACK_DELAY, self._ack_failed,
+                             timer=self._loop is None)
+            self._ack_windows[link] = acks
 
             def on_message(raw):
                 self._on_async_message(raw, acks)
@@ -390,6 +405,10 @@ class Kazoo(runtime.Kazoo):
             self._ack(acks, tag)
             return
         self._mark_done(msg_id, now)
+        if self._loop is not None:   # a resuming process's loop: nothing else to run
+            self._resume_reply(index, label, on_reply, payload, acks, tag, exchange,
+                               now - sent)
+            return
         self.dispatcher.submit(self._resume_reply, (index, label, on_reply, payload, acks, tag,
                                                     exchange, now - sent))
 
@@ -431,6 +450,8 @@ class Kazoo(runtime.Kazoo):
         self.kamailio_stats.forked()
 
     def stop(self, timeout=None):
+        if self._loop is not None:
+            self._loop.stop()
         self.kamailio_stats.stop()
         if timeout is None:
             super(Kazoo, self).stop()
@@ -441,21 +462,36 @@ class Kazoo(runtime.Kazoo):
         """A consumer process's body (from rtimer): never returns. ``subscriptions=False``
         (``kazoo_resumer``): only async resumes, the subscriptions are left to the
         ``kazoo_consumer`` process."""
-        self._consuming_async = True
+        self._consuming_async = not subscriptions or self.resume_in_consumer
         if not subscriptions:
             for z in self.zones.values():
                 for feed in z.feeds:
                     feed.subscriber.subscriptions = []
         self.kamailio_stats.check()
+        feeds = self.zones[self.zone].feeds
+        if not subscriptions and all(f.publisher is None and f.link.use_fast
+                                     and not f.link.memory for f in feeds):
+            return self._run_resume_loop([f.link for f in feeds])
         if self._admission is not None:
             gevent.spawn(self._admission_loop)
         self.start()
-        for feed in self.zones[self.zone].feeds:
-            feed.link.start()  # the async reply queue needs them even without subscriptions
+        if self._consuming_async:
+            for feed in feeds:
+                feed.link.start()  # the resume queue needs them even without subscriptions
         while True:
             gevent.sleep(PUSH_INTERVAL)
             self.kamailio_stats.tick()
 
+
+    def _run_resume_loop(self, links):
+        """A resuming process without the hub in the way (``_resumeloop``): never
+        returns."""
+        periodic = [(PUSH_INTERVAL, self.kamailio_stats.tick)]
+        if self._admission is not None:
+            periodic.append((ADMISSION_INTERVAL, self._admission.update))
+        self._loop = ResumeLoop(links, self._ack_windows, periodic)
+        self.start()   # the publishing link's reader; these links are the loop's
+        self._loop.run()
 
     def _admission_loop(self):
         admission = self._admission
@@ -513,12 +549,17 @@ class Handler(object):
         return 1
 
     def __getattr__(self, name):
+        # Kamailio looks the route up by name at every call: each is made once, then
+        # found in the instance's own dict.
         # tm's failure route at an async query's deadline: kazoo_timeout_<on_timeout>.
         if name.startswith(_TIMEOUT_ROUTE):
             method = getattr(self, name[len(_TIMEOUT_ROUTE):])
-            return functools.partial(self.kz.timed_out, method)
+            fn = functools.partial(self.kz.timed_out, method)
         # t_continue's route for a resume: kazoo_resume_<on_reply or on_timeout>.
-        if name.startswith(_RESUME_ROUTE):
+        elif name.startswith(_RESUME_ROUTE):
             method = getattr(self, name[len(_RESUME_ROUTE):])
-            return functools.partial(self.kz.resumed, method)
-        raise AttributeError(name)
+            fn = functools.partial(self.kz.resumed, method)
+        else:
+            raise AttributeError(name)
+        self.__dict__[name] = fn
+        return fn

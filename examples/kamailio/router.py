@@ -59,7 +59,10 @@ kz = kemi.Kazoo(os.environ.get('KAZOO_GREEN_BROKERS', 'amqp://guest:guest@127.0.
                 ssl=kazoo_green.ssl_from_env(),
                 zone=os.environ.get('KAZOO_GREEN_ZONE') or None,
                 shape=os.environ.get('KAZOO_GREEN_SHAPE') or 'cluster',
-                shed_lag=_shed_lag(os.environ.get('KAZOO_GREEN_SHED_LAG')))
+                shed_lag=_shed_lag(os.environ.get('KAZOO_GREEN_SHED_LAG')),
+                # kamailio.cfg runs two kazoo_resumer processes: they resume (without
+                # gevent's hub in the way); kazoo_consumer runs the event routes.
+                resume_in_consumer=False)
 
 
 @kz.event_route('kazoo:consumer-event-presence-update')

@@ -129,7 +129,7 @@ class Kamailio(object):
         self.proc = subprocess.Popen(['kamailio', '-f', self.cfg, '-DD', '-E', '-m', '256'],
                                      cwd=ROOT, env=env, stdout=self._log,
                                      stderr=subprocess.STDOUT)
-        # Ready once both consumer processes (kazoo_consumer, kazoo_resumer) read the
+        # Ready once two processes (the kazoo_resumer ones in the example) read the
         # resume queue.
         async_queue = '%s-resume' % self.node
         ready = wait_until(lambda: self.proc.poll() is not None or (

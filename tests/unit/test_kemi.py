@@ -282,6 +282,33 @@ def test_many_async_queries_each_resume_their_own_transaction(kamailio, responde
     assert consumer.stats()['queries_ok'] == len(users)
 
 
+def test_resume_in_consumer_false_leaves_every_resume_to_the_resumers(kamailio, responder,
+                                                                      fake):
+    """kazoo_consumer with resume_in_consumer=False does not read the resume queue; a
+    kazoo_resumer process (on memory://, its gevent readers: the poll(2) loop needs a
+    real broker, tests/integration/test_resumeloop.py) resumes every reply."""
+    instance = kamailio(resume_in_consumer=False)
+    consumer = instance.process()
+    consumer.subscribe(unique('presence'), 'update.*', exchange_type='topic')
+    instance.run(consumer.run_consumer)
+    assert wait_for(lambda: consumer.stats()['consume_connected'], 5)
+    resumer = instance.process()
+    instance.run(resumer.run_consumer, False)
+    assert wait_for(lambda: resumer.stats()['consume_connected'], 5)
+    router = fake.handler = Router(resumer)
+    exchange, _ = responder(routed)
+    worker = instance.process()
+    for n in range(10):
+        fake.request('INVITE', ruri_user='u%d' % n)
+        worker.async_query(exchange, 'route.req', route_req('u%d' % n), 'route_reply',
+                           'route_timeout', timeout=5)
+    assert wait_for(lambda: len(fake.replies) == 10)
+    assert [r.code for r in fake.replies] == [302] * 10 and len(router.resumed) == 10
+    assert resumer.stats()['queries_ok'] == 10
+    assert consumer.stats()['queries_ok'] == 0 and not consumer._ack_windows
+    assert resumer._loop is None   # memory://: no loop
+
+
 def test_no_reply_resumes_on_timeout_at_the_deadline(kamailio, responder, fake):
     """tm's timer: the failure route runs on_timeout (in Kamailio, in the timer process)."""
     instance = kamailio()
@@ -635,6 +662,10 @@ def test_example_router_script(kamailio, runtimes, fake, monkeypatch):
     instance = kamailio()
     instance.processes.append(router.kz)  # stopped at the end
     handler = fake.handler = router.mod_init()
+    # The example resumes in kazoo_resumer processes; this one process stands for the
+    # consumer and the resumers.
+    assert router.kz.resume_in_consumer is False
+    router.kz.resume_in_consumer = True
     instance.run(handler.kazoo_consumer, None)  # the rtimer process, sharing kz here
     assert wait_for(lambda: router.kz.stats()['consume_connected'], 5)
     assert any('consumer process' in line for line in fake.log_lines('info'))

@@ -1,0 +1,141 @@
+"""A ``kazoo_resumer`` process's loop (kazoo_green._resumeloop) against the real RabbitMQ.
+
+The resumer runs ``run_consumer(subscriptions=False)`` in a greenlet of this process,
+with a fake KSR; the SIP worker is a blocking ``kemi.Kazoo`` called from the test; the
+responder is a process of its own (the loop blocks this one in poll(2) for up to
+``POLL_CAP`` at a time). What Kamailio itself does with it is in tests/e2e.
+"""
+
+import logging
+
+import gevent
+import gevent.event
+import pytest
+
+from kazoo_green import _resumeloop, kemi
+from kazoo_green.testing import fake_ksr
+
+from ..conftest import RABBIT_URL, close_connections, queue_counts, unique, wait_for
+from . import responders
+
+
+class Router(kemi.Handler):
+    def route_reply(self, msg):
+        import KSR
+        KSR.pv.sets('$ru', 'sip:%s@10.0.0.9' % self.kz.reply()['Answer'])
+        KSR.tm.t_reply(302, 'Moved Temporarily')
+        return 1
+
+    def route_timeout(self, msg):
+        import KSR
+        KSR.tm.t_reply(503, 'Service Unavailable')
+        return 1
+
+
+@pytest.fixture
+def fake():
+    """A FakeKSR as ``KSR``; the ``kazoo_green`` logger (kemi.Handler sends it to
+    Kamailio's log) restored after the test."""
+    logger = logging.getLogger('kazoo_green')
+    saved = list(logger.handlers), logger.level, logger.propagate
+    try:
+        with fake_ksr() as fake:
+            yield fake
+        assert fake.errors == [], fake.log_lines('err')
+    finally:
+        logger.handlers[:] = saved[0]
+        logger.setLevel(saved[1])
+        logger.propagate = saved[2]
+
+
+@pytest.fixture
+def instance(fake):
+    """(resumer, worker, exchange): one Kamailio instance's resuming process, running,
+    and a SIP worker; a responder answers route.req on ``exchange``."""
+    node = unique('kamailio') + '@test'
+    exchange = unique('callmgr')
+    responder = responders.spawn(exchange, 'kazoo', 0.0)
+    resumer = kemi.Kazoo(RABBIT_URL, node=node, heartbeat=2, resume_in_consumer=False)
+    fake.handler = Router(resumer)
+    loop = gevent.spawn(resumer.run_consumer, False)
+    link = resumer._sub_link
+    assert wait_for(lambda: resumer._loop is not None and link.connected
+                    and link in resumer._ack_windows, 10)
+    worker = kemi.Kazoo(RABBIT_URL, node=node)
+    yield resumer, worker, exchange
+    resumer._loop.stop()
+    loop.join(timeout=2)
+    loop.kill()
+    for kz in (worker, resumer):
+        kz.stop(timeout=2)
+    responder.kill()
+    responder.wait()
+
+
+def ask(fake, worker, exchange, user, timeout=5):
+    msg = fake.request('INVITE', ruri_user=user)
+    worker.async_query(exchange, 'route.req',
+                       {'Event-Category': 'route', 'Event-Name': 'req', 'To': user},
+                       on_reply='route_reply', on_timeout='route_timeout', timeout=timeout)
+    return msg
+
+
+def codes(fake, msg):
+    return [r.code for r in fake.replies_to(msg.get('$ci'))]
+
+
+def test_resumes_inline_in_the_loop_with_heartbeats_and_batched_acks(fake, instance):
+    resumer, worker, exchange = instance
+    link = resumer._sub_link
+    # Driven by the loop: no Reader greenlet, a FastPath waiting in poll(2), and
+    # heartbeats negotiated all the same (Link.keepalive).
+    assert link._reader is None and link.fast.blocking and link._raw.heartbeat == 2
+    msgs = [ask(fake, worker, exchange, 'u%d' % i) for i in range(40)]
+    assert wait_for(lambda: len(fake.replies) == 40, 20)
+    for i, msg in enumerate(msgs):
+        assert msg.get('$ru') == 'sip:u%d@10.0.0.9' % i and codes(fake, msg) == [302]
+    assert all(c.method == 'kazoo_resume_route_reply' and c.result == 1
+               for c in fake.continues)
+    # Resumed in the loop's own greenlet, not through the dispatcher's workers.
+    assert resumer.dispatcher.idle() and resumer.stats()['queries_ok'] == 40
+    # 40 done: two full windows acked at once, the rest within ACK_DELAY.
+    queue = resumer.async_queue
+    assert wait_for(lambda: queue_counts(queue) == (0, 0), 10), queue_counts(queue)
+    window = resumer._ack_windows[link]
+    assert window.pending == 0 and window.due is None
+
+
+def test_other_greenlets_run_while_the_loop_waits(instance):
+    """The loop sleeps in the real poll(2), never longer than POLL_CAP, then lets the hub
+    run: a greenlet spawned meanwhile runs, a timer fires."""
+    ran = gevent.spawn(lambda: 'ran')
+    assert ran.get(timeout=5 * _resumeloop.POLL_CAP + 1) == 'ran'
+    fired = gevent.event.Event()
+    gevent.spawn_later(0.05, fired.set)
+    assert fired.wait(5)
+
+
+def test_a_connection_closed_by_the_broker_is_made_again_and_resumes_go_on(fake, instance):
+    resumer, worker, exchange = instance
+    link = resumer._sub_link
+    first = ask(fake, worker, exchange, 'before')
+    assert wait_for(lambda: codes(fake, first) == [302], 10)
+    generation = link.generation
+    assert close_connections('%s consume' % resumer.node) == 1
+    assert wait_for(lambda: link.connected and link.generation > generation + 1, 15)
+    assert resumer.stats()['reconnects'] == 1 and link._reader is None
+    later = ask(fake, worker, exchange, 'after')
+    assert wait_for(lambda: codes(fake, later) == [302], 10)
+    assert later.get('$ru') == 'sip:after@10.0.0.9'
+
+
+def test_bad_input_on_the_resume_queue_is_counted_acked_and_the_loop_goes_on(fake,
+                                                                             instance):
+    resumer, worker, exchange = instance
+    worker._publisher.publish('targeted', resumer.async_queue, b'{not json')
+    worker._publisher.publish('targeted', resumer.async_queue, b'{"Msg-ID": "nope"}')
+    assert wait_for(lambda: resumer.stats()['bad_input'] == 1
+                    and resumer.stats()['replies_unmatched'] == 1, 10), resumer.stats()
+    msg = ask(fake, worker, exchange, 'still')
+    assert wait_for(lambda: codes(fake, msg) == [302], 10)
+    assert wait_for(lambda: queue_counts(resumer.async_queue) == (0, 0), 10)
