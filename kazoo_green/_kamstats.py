@@ -313,6 +313,7 @@ class KamailioStats(object):
         self._lost_seen = -1    # connection_errors when the lost kinds were last counted
         self._checked = False   # enable() ran in this process
         self._base = None       # the values inherited at the fork
+        self._offsets = {}      # offsets_of's answers for the current slot
 
     def enable(self, KSR):
         """Use what kamailio.cfg declared (see ``include_cfg``): called once per process
@@ -346,6 +347,7 @@ class KamailioStats(object):
         if self.slot is None:
             return False
         self._at = self.table.counters_at(self.slot)
+        self._offsets = {}
         self._slow = None
         return True
 
@@ -419,6 +421,35 @@ class KamailioStats(object):
         except Exception:
             log.exception('cannot store kazoo_green statistics')
             self.slot = None   # stop: a broken write must not repeat on every call
+
+    def write_counts(self, offsets):
+        """As ``write()`` after a call that changed only the counters ``offsets`` names
+        (from ``offsets_of``): those stored alone, unless a connection or the buffer
+        changed (then everything, as ``write``). Never raises."""
+        if self.slot is None:
+            return
+        stats = self.kz._stats
+        if self._base is not None or _slow_key(stats) != self._slow:
+            self.write()
+            return
+        try:
+            mm = self.table.mm
+            for off, name in offsets:
+                _Q.pack_into(mm, off, getattr(stats, name))
+        except Exception:
+            log.exception('cannot store kazoo_green statistics')
+            self.slot = None
+
+    def offsets_of(self, names):
+        """``(offset, name)`` of the counters ``names`` (a tuple) in this process's slot,
+        for ``write_counts``; None while there is no slot."""
+        if self.slot is None:
+            return None
+        found = self._offsets.get(names)
+        if found is None:
+            found = self._offsets[names] = tuple(
+                (self._at + _Q.size * COUNTERS.index(name), name) for name in names)
+        return found
 
     def _histogram(self, name, label):
         """Stats.new_histogram: a Histogram whose buckets are this slot's entry for

@@ -262,6 +262,7 @@ class ReplyWaiter(object):
         link = self.link
         stats = self.stats
         stats.queries += 1
+        stats.clean_ask = False
         try:
             fast = link.lane() if link.blocking else None
             if fast is not None:
@@ -355,6 +356,8 @@ class ReplyWaiter(object):
         self._pending[msg_id] = waiting
         link = self.link
         gen = link.generation
+        raw = fast.connection
+        mark = raw.bytes_recv
         try:
             try:
                 got = fast.ask(data, deadline, waiting.ready, _REPLY_TAGS)
@@ -369,7 +372,10 @@ class ReplyWaiter(object):
                 except BadMessage:
                     reply = None
                 if reply is not None and reply.get('Msg-ID') == msg_id:
-                    self.stats.queries_ok += 1
+                    stats = self.stats
+                    stats.queries_ok += 1
+                    # Only this reply read: no other frame handled, no other counter.
+                    stats.clean_ask = raw.bytes_recv == mark + 1
                     return stamp_received(reply, link.zone)
                 # Not this query's, or not JSON: as the consumer callback would.
                 properties, bad = decode_properties(header, 12, len(header))

@@ -129,7 +129,7 @@ class Stats(object):
     (Kamailio's statistics), makes them: ``new_histogram(histogram name, label value)``."""
 
     __slots__ = COUNTERS + ('lost_reasons', 'query_seconds', 'handler_seconds',
-                            'new_histogram')
+                            'new_histogram', 'clean_ask')
 
     def __init__(self):
         for name in COUNTERS:
@@ -138,6 +138,9 @@ class Stats(object):
         self.query_seconds = {}
         self.handler_seconds = {}
         self.new_histogram = None
+        #: Set by a blocking query whose lane read its reply and nothing else: only
+        #: ``queries``, ``published`` and ``queries_ok`` changed (kemi stores just those).
+        self.clean_ask = False
 
     def as_dict(self):
         return {name: getattr(self, name) for name in COUNTERS}

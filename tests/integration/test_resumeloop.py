@@ -139,3 +139,40 @@ def test_bad_input_on_the_resume_queue_is_counted_acked_and_the_loop_goes_on(fak
     msg = ask(fake, worker, exchange, 'still')
     assert wait_for(lambda: codes(fake, msg) == [302], 10)
     assert wait_for(lambda: queue_counts(resumer.async_queue) == (0, 0), 10)
+
+
+@pytest.fixture
+def declared(fake):
+    """kazoo_green's statistics declared in the (fake) kamailio.cfg."""
+    fake.declare_kazoo_green_stats()
+
+
+def test_sip_worker_lane_stores_only_the_counters_it_changed_and_kamailio_sums_right(
+        fake, declared, instance):
+    """An async query sent on the lane stores queries and published alone, a sync query
+    whose lane read only its reply stores those and queries_ok (kemi's ``_SENT``,
+    ``_ASKED``); what Kamailio's counters get is still every process's whole count."""
+    from kazoo_green import _kamstats
+    resumer, worker, exchange = instance
+    assert resumer.kamailio_stats.slot is not None
+    msgs = [ask(fake, worker, exchange, 'a%d' % i) for i in range(5)]
+    for i in range(7):
+        fake.request('INVITE', ruri_user='s%d' % i)
+        assert worker.query(exchange, 'route.req', {
+            'Event-Category': 'route', 'Event-Name': 'req', 'To': 's%d' % i})['Answer'] == \
+            's%d' % i
+        assert worker._stats.clean_ask, 'the sync query did not take the lane'
+    assert wait_for(lambda: all(codes(fake, m) == [302] for m in msgs), 10)
+    assert wait_for(lambda: resumer.stats()['queries_ok'] == 5, 5)
+    # Written narrowly: the worker's slot holds exactly its own counts.
+    table, at = worker.kamailio_stats.table, worker.kamailio_stats._at
+    stored = _kamstats._COUNTS.unpack_from(table.mm, at)
+    assert dict(zip(_kamstats.COUNTERS, stored)) == worker._stats.as_dict()
+    resumer.kamailio_stats.write(full=True)
+    resumer.kamailio_stats.tick()
+    both = (worker, resumer)
+    for name in ('queries', 'published', 'queries_ok', 'connects'):
+        assert fake.counter_values.get('kazoo_green.' + name, 0) == \
+            sum(kz.stats()[name] for kz in both), name
+    assert fake.counter_values['kazoo_green.queries'] == 12
+    assert fake.counter_values['kazoo_green.queries_ok'] == 12
