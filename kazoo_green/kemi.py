@@ -141,8 +141,19 @@ def use_kamailio_log(level=logging.INFO):
 
 
 class _Resume(gevent.local.local):
+    """What ``reply()``/``reply_error()`` give: per greenlet (a consumer process
+    resumes on several worker greenlets at once)."""
     reply = None
     error = None
+
+
+class _LoopResume(object):
+    """The same in a ``kazoo_resumer`` process, where only the loop's greenlet
+    resumes (one at a time): a plain object, no greenlet-local lookups."""
+    __slots__ = ('reply', 'error')
+
+    def __init__(self):
+        self.reply = self.error = None
 
 
 def _counted(method):
@@ -535,6 +546,7 @@ class Kazoo(runtime.Kazoo):
         if self._admission is not None:
             periodic.append((ADMISSION_INTERVAL, self._admission.update))
         self._loop = ResumeLoop(links, self._ack_windows, periodic)
+        self._resume = _LoopResume()
         self.start()   # the publishing link's reader; these links are the loop's
         self._loop.run()
 
