@@ -61,18 +61,16 @@ class ResumeLoop(object):
         self._by_fd = {}
         self._poller = None
         self.running = True
-        #: Wake-ups so far (for tests and benchmarks).
-        self.wakes = 0
 
-    def run(self, until=None):
-        """Loop until ``stop()`` (or ``until()`` is true, checked every wake-up)."""
+    def run(self):
+        """Loop until ``stop()``."""
         for link in self.links:
             link.keepalive = True    # heartbeats without a Reader
             link.blocking = True     # its FastPath waits in poll(2), never in the hub
             if link.connected:       # made before, without those: made again
                 link.lost(ConnectionLost('connection restarted for the resume loop'),
                           failure=False)
-        while self.running and not (until is not None and until()):
+        while self.running:
             self.once()
 
     def stop(self):
@@ -100,16 +98,14 @@ class ResumeLoop(object):
             events = poller.poll(ms) if poller is not None else gevent.sleep(ms / 1000.0)
         except InterruptedError:
             events = None
-        self.wakes += 1
         if events:
             for fd, _ in events:
                 link = self._by_fd.get(fd)
                 if link is not None:
                     self._read(link)
         now = monotonic()
-        for window in list(self.windows.values()):
-            if window.pending >= window.batch or (window.due is not None
-                                                  and now >= window.due):
+        for window in self.windows.values():   # full windows flushed themselves
+            if window.due is not None and now >= window.due:
                 window.flush()
         for link in self.links:
             if link.connected and now >= self._beat_at[link]:

@@ -156,8 +156,10 @@ class _LoopResume(object):
         self.reply = self.error = None
 
 
-def _counted(method):
-    """``method`` of runtime.Kazoo, then this process's statistics stored (Kamailio)."""
+def _counted(method, narrow=None):
+    """``method`` of runtime.Kazoo, then this process's statistics stored (Kamailio).
+    ``narrow``: the counters the call changed when it leaves ``Stats.clean_ask`` set (a
+    sync query whose lane read its reply and nothing else): only those are stored."""
     @functools.wraps(method)
     def counted(self, *args, **kwargs):
         stats = self.kamailio_stats
@@ -166,24 +168,7 @@ def _counted(method):
         try:
             return method(self, *args, **kwargs)
         finally:
-            stats.write()
-    return counted
-
-
-def _counted_query(method):
-    """``_counted`` for ``query``: after a query whose lane read its reply and nothing
-    else (``Stats.clean_ask``), only the three counters it changed are stored."""
-    @functools.wraps(method)
-    def counted(self, *args, **kwargs):
-        stats = self.kamailio_stats
-        if not stats._checked:
-            stats.check()
-        counters = self._stats
-        counters.clean_ask = False
-        try:
-            return method(self, *args, **kwargs)
-        finally:
-            offsets = stats.offsets_of(_ASKED) if counters.clean_ask else None
+            offsets = stats.offsets_of(narrow) if narrow and self._stats.clean_ask else None
             if offsets is not None:
                 stats.write_counts(offsets)
             else:
@@ -247,7 +232,7 @@ class Kazoo(runtime.Kazoo):
                         'stalled cluster node?)', self.async_queue, D.REPLY_QUEUE_WAIT)
 
     # -- SIP worker side ------------------------------------------------
-    query = _counted_query(runtime.Kazoo.query)
+    query = _counted(runtime.Kazoo.query, _ASKED)
     publish = _counted(runtime.Kazoo.publish)
 
     def async_query(self, exchange, routing_key, payload, on_reply, on_timeout,
@@ -296,7 +281,6 @@ class Kazoo(runtime.Kazoo):
             int(now * 1000000), new_msg_id(), exchange)
         message['Msg-ID'] = msg_id
         message['Server-ID'] = self.async_queue
-        props = {'correlation_id': msg_id, 'reply_to': self.async_queue}
         self._stats.queries += 1   # as query(): every one asked, sent or not
         link = self._pub_link
         publisher = self._publisher
@@ -321,7 +305,8 @@ class Kazoo(runtime.Kazoo):
                 return msg_id
             link.ensure(now + timeout)
             publisher.verify(exchange)
-            publisher._send(exchange, routing_key, dumps(message), headers, props, False)
+            publisher._send(exchange, routing_key, dumps(message), headers,
+                            {'correlation_id': msg_id, 'reply_to': self.async_queue}, False)
         except KazooError as exc:
             self._stats.queries_failed += 1
             log.warning('async query to %r/%r not sent: %s', exchange, routing_key, exc)
@@ -540,8 +525,8 @@ class Kazoo(runtime.Kazoo):
 
 
     def _run_resume_loop(self, links):
-        """A resuming process without the hub in the way (``_resumeloop``): never
-        returns."""
+        """A resuming process without the hub in the way (``_resumeloop``), until
+        ``stop()``."""
         periodic = [(PUSH_INTERVAL, self.kamailio_stats.tick)]
         if self._admission is not None:
             periodic.append((ADMISSION_INTERVAL, self._admission.update))
