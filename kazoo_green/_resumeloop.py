@@ -8,10 +8,11 @@ than a bare ``poll`` (``bench/wake_cost.py``), and each resume is another switch
 to a worker greenlet. Here the process sleeps in ``poll(2)`` on the sockets of the
 links it drives (no background ``Reader``: ``Link.keepalive`` negotiates heartbeats
 anyway), reads what came in, resumes every reply as it is parsed, and after each
-wake-up writes the acks that are due (``AckWindow(timer=False)``) and lets gevent's hub
-run once (``gevent.idle``: the publishing link's reader, timers, whatever ``on_reply``
-code spawned), so nothing else a started runtime runs is starved: the poll is bounded
-by ``POLL_CAP``.
+wake-up writes the acks that are due (``AckWindow(timer=False)``); at most every
+``HUB_EVERY`` it lets gevent's hub run once (``gevent.idle``: the publishing link's
+reader, timers, whatever ``on_reply`` code spawned), so nothing else a started runtime
+runs is starved: the poll is bounded by ``POLL_CAP``. (A hub run costs as much as the
+rest of a wake-up's loop: libev's fork check, the watchers, two switches.)
 
 Failover is the links' own: a lost connection is dropped (``Link.lost``), reconnected
 round-robin with back-off, and its up-hooks declare the queue and consume again; what
@@ -29,13 +30,16 @@ from gevent import monkey
 from . import _defaults as D
 from .errors import ConnectionLost, NotConnected
 
-__all__ = ['ResumeLoop', 'POLL_CAP']
+__all__ = ['ResumeLoop', 'POLL_CAP', 'HUB_EVERY']
 
 log = logging.getLogger('kazoo_green')
 
 #: The longest the loop sleeps in poll(2) (seconds): gevent's hub runs at least this
 #: often for the rest of the process (the publishing link's reader, timers).
 POLL_CAP = D.POLL_INTERVAL
+#: The hub runs at most this often (seconds) while replies keep the loop awake, and at
+#: least every POLL_CAP.
+HUB_EVERY = 0.02
 # The process may be monkey-patched (Kamailio's Python is): the real poll(2), not the hub's.
 _poll = monkey.get_original('select', 'poll')
 _POLLIN = select.POLLIN | select.POLLPRI | select.POLLERR | select.POLLHUP
@@ -60,6 +64,7 @@ class ResumeLoop(object):
         self._fds = None
         self._by_fd = {}
         self._poller = None
+        self._hub_at = now
         self.running = True
 
     def run(self):
@@ -122,7 +127,9 @@ class ResumeLoop(object):
                     task[2]()
                 except Exception:
                     log.exception('resume loop: periodic task %r failed', task[2])
-        gevent.idle()   # the rest of the process: readers of other links, timers
+        if now >= self._hub_at:   # the rest of the process: other links' readers, timers
+            self._hub_at = now + HUB_EVERY
+            gevent.idle()
 
     def _poll_set(self):
         """A poll object over the connected links' sockets (rebuilt when they change)."""
