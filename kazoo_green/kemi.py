@@ -74,6 +74,10 @@ __all__ = ['Kazoo', 'Handler', 'KSRLogHandler', 'use_kamailio_log']
 log = logging.getLogger('kazoo_green')
 
 _METHOD = re.compile(r'[A-Za-z_][A-Za-z0-9_]{0,63}')
+#: (on_reply, on_timeout) pairs of Msg-IDs already found to name valid methods (a
+#: handler has a few; bounded all the same: a Msg-ID comes from the network).
+_VALID_PAIRS = set()
+_VALID_PAIRS_MAX = 256
 _ASYNC_PREFIX = 'kgasync'
 #: The failure route tm runs at an async query's deadline: ``Handler`` resolves
 #: ``kazoo_timeout_<on_timeout>`` to a call of ``on_timeout`` with ``reply_error()`` set.
@@ -553,8 +557,13 @@ def _parse_async_id(msg_id):
     parts = msg_id.split(':', 8)
     if len(parts) != 9:
         return None
-    if not (_METHOD.fullmatch(parts[3]) and _METHOD.fullmatch(parts[4])):
-        return None   # only handler methods named as async_query allows are resumed into
+    pair = (parts[3], parts[4])
+    if pair not in _VALID_PAIRS:
+        if not (_METHOD.fullmatch(parts[3]) and _METHOD.fullmatch(parts[4])):
+            return None   # only handler methods named as async_query allows are resumed into
+        if len(_VALID_PAIRS) >= _VALID_PAIRS_MAX:
+            _VALID_PAIRS.clear()
+        _VALID_PAIRS.add(pair)
     try:
         return (int(parts[1]), int(parts[2]), parts[3], parts[4], int(parts[5]) / 1000.0,
                 int(parts[6]) / 1000000.0, parts[8])
