@@ -74,8 +74,9 @@ __all__ = ['Kazoo', 'Handler', 'KSRLogHandler', 'use_kamailio_log']
 log = logging.getLogger('kazoo_green')
 
 _METHOD = re.compile(r'[A-Za-z_][A-Za-z0-9_]{0,63}')
-#: (on_reply, on_timeout) pairs of Msg-IDs already found to name valid methods (a
-#: handler has a few; bounded all the same: a Msg-ID comes from the network).
+#: (on_reply, on_timeout) pairs already found to be valid method names (``async_query``
+#: checks its arguments, the resuming side a Msg-ID's; a handler has a few; bounded all
+#: the same: a Msg-ID comes from the network).
 _VALID_PAIRS = set()
 _VALID_PAIRS_MAX = 256
 _ASYNC_PREFIX = 'kgasync'
@@ -251,9 +252,9 @@ class Kazoo(runtime.Kazoo):
         request's Msg-ID. Raises KazooError if the transaction cannot be suspended
         (nothing was sent then).
         """
-        for name in (on_reply, on_timeout):
-            if not isinstance(name, str) or not _METHOD.fullmatch(name):
-                raise ValueError('on_reply/on_timeout must be method names, not %r' % (name,))
+        if not (isinstance(on_reply, str) and isinstance(on_timeout, str)
+                and (on_reply, on_timeout) in _VALID_PAIRS):
+            _check_methods(on_reply, on_timeout)
         stats = self.kamailio_stats
         if not stats._checked:
             stats.check()
@@ -549,6 +550,16 @@ class Kazoo(runtime.Kazoo):
                 log.exception('async admission update failed')
 
 
+def _check_methods(on_reply, on_timeout):
+    """ValueError unless both are method names async_query allows; remembered if so."""
+    for name in (on_reply, on_timeout):
+        if not isinstance(name, str) or not _METHOD.fullmatch(name):
+            raise ValueError('on_reply/on_timeout must be method names, not %r' % (name,))
+    if len(_VALID_PAIRS) >= _VALID_PAIRS_MAX:
+        _VALID_PAIRS.clear()
+    _VALID_PAIRS.add((on_reply, on_timeout))
+
+
 def _parse_async_id(msg_id):
     """(index, label, on_reply, on_timeout, deadline, sent, exchange) from an async Msg-ID
     (times: monotonic seconds), or None."""
@@ -557,13 +568,11 @@ def _parse_async_id(msg_id):
     parts = msg_id.split(':', 8)
     if len(parts) != 9:
         return None
-    pair = (parts[3], parts[4])
-    if pair not in _VALID_PAIRS:
-        if not (_METHOD.fullmatch(parts[3]) and _METHOD.fullmatch(parts[4])):
+    if (parts[3], parts[4]) not in _VALID_PAIRS:
+        try:
+            _check_methods(parts[3], parts[4])
+        except ValueError:
             return None   # only handler methods named as async_query allows are resumed into
-        if len(_VALID_PAIRS) >= _VALID_PAIRS_MAX:
-            _VALID_PAIRS.clear()
-        _VALID_PAIRS.add(pair)
     try:
         return (int(parts[1]), int(parts[2]), parts[3], parts[4], int(parts[5]) / 1000.0,
                 int(parts[6]) / 1000000.0, parts[8])

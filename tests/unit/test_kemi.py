@@ -203,6 +203,24 @@ def test_reply_queues_of_one_node_in_one_process_never_share_a_name():
     assert all(name.startswith('kamailio@one-<%d>-targeted-' % os.getpid()) for name in names)
 
 
+@pytest.mark.parametrize('on_reply, on_timeout', [
+    ('route-reply', 'route_timeout'), ('route_reply', 'x' * 65), (['route_reply'], 'x'),
+    ('route_reply', None)])
+def test_async_query_refuses_what_is_no_method_name_before_touching_the_transaction(
+        kamailio, fake, on_reply, on_timeout):
+    worker = kamailio().process()
+    fake.handler = Router(worker)
+    fake.request('INVITE', ruri_user='alice')
+    worker.async_query('callmgr', 'route.req', route_req('alice'), 'route_reply',
+                       'route_timeout', timeout=5)   # a valid pair, remembered
+    calls = len(fake.calls)
+    fake.request('INVITE', ruri_user='bob')
+    with pytest.raises(ValueError, match='method names'):
+        worker.async_query('callmgr', 'route.req', route_req('bob'), on_reply, on_timeout,
+                           timeout=5)
+    assert fake.calls[calls:] == []
+
+
 @pytest.mark.parametrize('style', ['reply_to', 'server_id'])
 def test_async_query_resumes_on_reply_in_the_consumer_process(kamailio, responder, fake,
                                                               style):
