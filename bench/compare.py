@@ -32,7 +32,10 @@ one, so TLS and plain TCP are compared on the same broker:
 
 and kg-sync-nostats, kg-async-nostats: the example with KAZOO_GREEN_STATS_OFF=1 (no
 statistics include, nothing pushed), for what kazoo_green's statistics cost per call;
-kg-async-noshed: the example with KAZOO_GREEN_SHED_LAG=off (no async admission).
+kg-async-noshed: the example with KAZOO_GREEN_SHED_LAG=off (no async admission);
+py-bound-async: bench/systems/bound_async.cfg, kg-async's routing with a hand-written
+suspend, publish and resume loop (no acks, no deadline, no checks): the least an async
+query written in Python can cost, as py-bound is for the sync one.
 
 All use one examples/responder.py (started here; one more on the TLS node for the TLS
 systems) and the local RabbitMQ. Per system:
@@ -130,6 +133,11 @@ def _kg_ready(kamailio):
             and queues().get('%s-resume' % NODE, (0, 0))[0] >= 2)
 
 
+def _bound_async_ready(kamailio):
+    """py-bound-async's two resuming processes consume its resume queue."""
+    return harness.rabbit_queues().get('kg-bound-async-resume', (0, 0))[0] >= 2
+
+
 def _c_kazoo_ready(kamailio):
     """The C kazoo module has bound its reply ("targeted") queues."""
     return any(name.startswith('kamailio@%s-' % KAZOO_NODE) for name in harness.rabbit_queues())
@@ -171,6 +179,9 @@ TLS_SYSTEMS = collections.OrderedDict((s.name, s) for s in (
     # The example without async admission: no call refused early, however late.
     System('kg-async-noshed', harness.KAMAILIO_CFG, 'asyncbenchuser', _kg_ready, None, None,
            {'KAZOO_GREEN_SHED_LAG': 'off'}),
+    # The least an async query written in Python can cost (bench/systems/bound_async.py).
+    System('py-bound-async', os.path.join(SYSTEMS_DIR, 'bound_async.cfg'), 'benchuser',
+           _bound_async_ready, None),
 ))
 ALL_SYSTEMS = collections.OrderedDict(list(SYSTEMS.items()) + list(TLS_SYSTEMS.items()))
 SYNC_PROBE = System('c-kazoo-sync', os.path.join(SYSTEMS_DIR, 'c_kazoo_sync.cfg'),
