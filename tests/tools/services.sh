@@ -7,7 +7,8 @@
 #            (kamailio-rabbitmq-modules), db_postgres (kamailio-postgres-modules) and a
 #            PostgreSQL on 127.0.0.1:5432 (started if it is not running), and
 #            http_async_client (not packaged by Debian: built from Debian's own source by
-#            tests/tools/build_http_async_client.sh)
+#            tests/tools/build_http_async_client.sh), and perf (linux-perf) for
+#            bench/cpu_split.py
 set -euo pipefail
 
 bench=
@@ -41,6 +42,7 @@ command -v sqlite3 >/dev/null 2>&1 || mod_need+=(sqlite3)
 if [ -n "$bench" ]; then
     [ -f "$mods/rabbitmq.so" ] || mod_need+=(kamailio-rabbitmq-modules)
     [ -f "$mods/db_postgres.so" ] || mod_need+=(kamailio-postgres-modules)
+    command -v perf >/dev/null 2>&1 || mod_need+=(linux-perf)   # bench/cpu_split.py
 fi
 if [ ${#mod_need[@]} -gt 0 ]; then
     echo "services.sh: installing ${mod_need[*]}" >&2
