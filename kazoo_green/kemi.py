@@ -252,9 +252,9 @@ class Kazoo(runtime.Kazoo):
         request's Msg-ID. Raises KazooError if the transaction cannot be suspended
         (nothing was sent then).
         """
-        if not (isinstance(on_reply, str) and isinstance(on_timeout, str)
-                and (on_reply, on_timeout) in _VALID_PAIRS):
-            _check_methods(on_reply, on_timeout)
+        if not _valid_methods(on_reply, on_timeout):
+            raise ValueError('on_reply/on_timeout must be method names, not %r/%r'
+                             % (on_reply, on_timeout))
         stats = self.kamailio_stats
         if not stats._checked:
             stats.check()
@@ -550,14 +550,20 @@ class Kazoo(runtime.Kazoo):
                 log.exception('async admission update failed')
 
 
-def _check_methods(on_reply, on_timeout):
-    """ValueError unless both are method names async_query allows; remembered if so."""
-    for name in (on_reply, on_timeout):
-        if not isinstance(name, str) or not _METHOD.fullmatch(name):
-            raise ValueError('on_reply/on_timeout must be method names, not %r' % (name,))
+def _valid_methods(on_reply, on_timeout):
+    """Whether both are method names async_query allows (a pair found so is
+    remembered in ``_VALID_PAIRS``)."""
+    if not (isinstance(on_reply, str) and isinstance(on_timeout, str)):
+        return False
+    pair = (on_reply, on_timeout)
+    if pair in _VALID_PAIRS:
+        return True
+    if not (_METHOD.fullmatch(on_reply) and _METHOD.fullmatch(on_timeout)):
+        return False
     if len(_VALID_PAIRS) >= _VALID_PAIRS_MAX:
         _VALID_PAIRS.clear()
-    _VALID_PAIRS.add((on_reply, on_timeout))
+    _VALID_PAIRS.add(pair)
+    return True
 
 
 def _parse_async_id(msg_id):
@@ -568,11 +574,8 @@ def _parse_async_id(msg_id):
     parts = msg_id.split(':', 8)
     if len(parts) != 9:
         return None
-    if (parts[3], parts[4]) not in _VALID_PAIRS:
-        try:
-            _check_methods(parts[3], parts[4])
-        except ValueError:
-            return None   # only handler methods named as async_query allows are resumed into
+    if not _valid_methods(parts[3], parts[4]):
+        return None   # only handler methods named as async_query allows are resumed into
     try:
         return (int(parts[1]), int(parts[2]), parts[3], parts[4], int(parts[5]) / 1000.0,
                 int(parts[6]) / 1000000.0, parts[8])

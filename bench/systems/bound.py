@@ -9,16 +9,9 @@ lower bound for what kazoo_green's ``query`` costs in a SIP worker, not somethin
 deploy.
 """
 
-import glob
 import os
-import sys
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(os.path.dirname(HERE))
-for site in glob.glob(os.path.join(ROOT, '.venv', 'lib', 'python%d.%d' % sys.version_info[:2],
-                                   'site-packages')) + [ROOT, HERE]:
-    if site not in sys.path:
-        sys.path.insert(0, site)
+import venv_path  # noqa: F401  (the venv on sys.path: first)
 
 import orjson  # noqa: E402
 

@@ -12,18 +12,11 @@ timers only), no acks, no correlation checks, no error handling, no counters, no
 heartbeats: a lower bound for what kg-async costs, not something to deploy.
 """
 
-import glob
 import os
-import sys
 from struct import Struct
 from time import monotonic
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(os.path.dirname(HERE))
-for site in glob.glob(os.path.join(ROOT, '.venv', 'lib', 'python%d.%d' % sys.version_info[:2],
-                                   'site-packages')) + [ROOT, HERE]:
-    if site not in sys.path:
-        sys.path.insert(0, site)
+import venv_path  # noqa: F401  (the venv on sys.path: first)
 
 import orjson  # noqa: E402
 
@@ -39,7 +32,7 @@ from floor import Floor  # noqa: E402
 #: The resume queue (the responder answers to ``reply_to`` on the default exchange).
 QUEUE = 'kg-bound-async-resume'
 _FRAME = Struct('>BHI')
-_state = {}     # pid -> (send, channel id, frame_max) of this SIP worker
+_state = {}     # pid -> (send, channel id, frame_max, the Kazoo kept alive) of a SIP worker
 _reply = [None]  # the reply being resumed
 
 
