@@ -107,6 +107,9 @@ def main():
     p.add_argument('--rate', type=int, default=1000, help='offered cps (default 1000)')
     p.add_argument('--seconds', type=float, default=8, help='per run (default 8)')
     args = p.parse_args()
+    if any(name.endswith('-base') for name in (args.a, args.b)) and not (
+            compare.BASE and os.path.isfile(compare.BASE_ENV['KAZOO_GREEN_ROUTER'])):
+        p.error('the -base systems need KG_BENCH_BASE: a checkout of kazoo_green')
     systems = [ALL_SYSTEMS[args.a], ALL_SYSTEMS[args.b]]
     logdir = tempfile.mkdtemp(prefix='kg-ab-')
     compare.declare_targeted()

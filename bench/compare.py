@@ -35,7 +35,11 @@ statistics include, nothing pushed), for what kazoo_green's statistics cost per 
 kg-async-noshed: the example with KAZOO_GREEN_SHED_LAG=off (no async admission);
 py-bound-async: bench/systems/bound_async.cfg, kg-async's routing with a hand-written
 suspend, publish and resume loop (no acks, no deadline, no checks): the least an async
-query written in Python can cost, as py-bound is for the sync one.
+query written in Python can cost, as py-bound is for the sync one;
+kg-sync-base, kg-async-base: the example as another checkout of kazoo_green has it (its
+path in KG_BENCH_BASE, e.g. ``git worktree add /tmp/base HEAD``; this checkout's
+virtualenv), so a change is measured against the commit before it side by side
+(``bench/ab.py kg-async kg-async-base``).
 
 All use one examples/responder.py (started here; one more on the TLS node for the TLS
 systems) and the local RabbitMQ. Per system:
@@ -145,6 +149,12 @@ def _c_kazoo_ready(kamailio):
 
 #: broker: None (the local RabbitMQ), 'tls' or 'tcp' (the TLS node, through its TLS or
 #: its plain listener).
+#: The example's router (and so kazoo_green) from the checkout KG_BENCH_BASE names, with
+#: this checkout's virtualenv (router.py puts its own checkout first on sys.path).
+BASE = os.environ.get('KG_BENCH_BASE')
+BASE_ENV = {'KAZOO_GREEN_ROUTER': os.path.join(BASE or '/KG_BENCH_BASE-unset',
+                                               'examples', 'kamailio', 'router.py'),
+            'KAZOO_GREEN_VENV': os.path.join(harness.ROOT, '.venv')}
 System = collections.namedtuple('System', 'name cfg user ready module broker env')
 System.__new__.__defaults__ = (None, None)
 
@@ -182,6 +192,11 @@ TLS_SYSTEMS = collections.OrderedDict((s.name, s) for s in (
     # The least an async query written in Python can cost (bench/systems/bound_async.py).
     System('py-bound-async', os.path.join(SYSTEMS_DIR, 'bound_async.cfg'), 'benchuser',
            _bound_async_ready, None),
+    # The example from another checkout (KG_BENCH_BASE): a change against its base.
+    System('kg-sync-base', harness.KAMAILIO_CFG, 'benchuser', _kg_ready, None, None,
+           BASE_ENV),
+    System('kg-async-base', harness.KAMAILIO_CFG, 'asyncbenchuser', _kg_ready, None, None,
+           BASE_ENV),
 ))
 ALL_SYSTEMS = collections.OrderedDict(list(SYSTEMS.items()) + list(TLS_SYSTEMS.items()))
 SYNC_PROBE = System('c-kazoo-sync', os.path.join(SYSTEMS_DIR, 'c_kazoo_sync.cfg'),
@@ -696,6 +711,9 @@ def parse_args():
     unknown = set(args.systems.split(',')) - set(ALL_SYSTEMS)
     if unknown:
         p.error('unknown system(s): %s' % ', '.join(sorted(unknown)))
+    if any(name.endswith('-base') for name in args.systems.split(',')) and not (
+            BASE and os.path.isfile(BASE_ENV['KAZOO_GREEN_ROUTER'])):
+        p.error('the -base systems need KG_BENCH_BASE: a checkout of kazoo_green')
     return args
 
 
