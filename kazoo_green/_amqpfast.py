@@ -184,6 +184,11 @@ def encode_request(channel_id, exchange, routing_key, body, correlation_id, repl
                      _FRAME_END))
 
 
+#: A kazoo_green reply's property flags and first two properties (then its correlation id).
+_REPLY_PROPERTIES = pack('>H', _REQUEST_FLAGS) + _JSON_UTF8
+_REPLY_PROPERTIES_SIZE = len(_REPLY_PROPERTIES)
+
+
 class FastPath(object):
     """Buffered reads and the hot frames for one open py-amqp connection (TCP or TLS)."""
 
@@ -262,6 +267,11 @@ class FastPath(object):
                     raise socket.timeout()
             else:
                 wait_read(self._fileno, timeout)
+        return self.fill_now()
+
+    def fill_now(self):
+        """Append what the socket has now, without waiting (a caller whose poll(2) found
+        it readable); False if it gave nothing. OSError if the broker closed it."""
         try:
             data = self._recv(_CHUNK)
         except (BlockingIOError, InterruptedError):
@@ -367,20 +377,50 @@ class FastPath(object):
             handled = self._frames()
         return handled
 
-    def _frames(self, limit=-1):
+    def _frames(self, limit=-1, lane=None):
         """Handle the complete frames in the buffer (at most ``limit`` frames or whole
-        messages, if given); return how many there were."""
+        messages, if given); return how many there were.
+
+        ``lane``: ``(channel id, tag, deliver)``, ``tag`` a consumer tag as the wire has
+        it (its length byte first): its whole messages on that channel go to
+        ``deliver(delivery_tag, correlation_id, body, bad)`` (``bad`` as
+        ``Delivered.bad``) instead of through the handler's callback, with no
+        ``Delivered`` made and, for a kazoo_green reply's properties (JSON, UTF-8, a
+        correlation id), no properties decoded but the correlation id.
+        """
         handled = 0
         handler = self._handler
         pending = handler.pending
         while handled != limit:
             buf = self._buf
             pos = self._pos
+            if len(buf) - pos < 8:
+                return handled   # not even a frame header (all read, the usual case)
             whole = None if pending else self._whole_at(pos)
             if whole is not None:
                 channel, end, header_end, body_at, stop = whole
                 self._pos = stop
                 self.connection.bytes_recv += 1
+                if (lane is not None and channel == lane[0]
+                        and buf.startswith(lane[1], pos + 11)):
+                    # A reply: its parts cut out here (one function fewer a reply).
+                    delivery_tag = _Q.unpack_from(buf, pos + 11 + len(lane[1]))[0]
+                    body = bytes(buf[body_at:stop - 1])
+                    at = end + 20 + _REPLY_PROPERTIES_SIZE
+                    if (buf.startswith(_REPLY_PROPERTIES, end + 20)
+                            and at + 1 + buf[at] == header_end):
+                        try:
+                            correlation_id = bytes(buf[at + 1:header_end]).decode('utf-8')
+                        except UnicodeDecodeError:   # decode_properties says so
+                            correlation_id = None
+                        if correlation_id is not None:
+                            lane[2](delivery_tag, correlation_id, body, None)
+                            handled += 1
+                            continue
+                    properties, bad = decode_properties(buf, end + 20, header_end)
+                    lane[2](delivery_tag, properties.get('correlation_id'), body, bad)
+                    handled += 1
+                    continue
                 properties, bad = decode_properties(buf, end + 20, header_end)
                 handler.deliver(channel, bytes(buf[pos + 7:end]), properties,
                                 bytes(buf[body_at:stop - 1]), bad)

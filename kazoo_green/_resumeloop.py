@@ -7,12 +7,16 @@ of a reader greenlet (``wait_read``, a timer, two switches) costs ~30 µs of CPU
 than a bare ``poll`` (``bench/wake_cost.py``), and each resume is another switch
 to a worker greenlet. Here the process sleeps in ``poll(2)`` on the sockets of the
 links it drives (no background ``Reader``: ``Link.keepalive`` negotiates heartbeats
-anyway), reads what came in, resumes every reply as it is parsed, and after each
-wake-up writes the acks that are due (``AckWindow(timer=False)``); at most every
-``HUB_EVERY`` it lets gevent's hub run once (``gevent.idle``: the publishing link's
-reader, timers, whatever ``on_reply`` code spawned), so nothing else a started runtime
-runs is starved: the poll is bounded by ``POLL_CAP``. (A hub run costs as much as the
-rest of a wake-up's loop: libev's fork check, the watchers, two switches.)
+anyway), reads what came in, hands the resume queue's whole messages straight to the
+runtime (a ``lane``: no ``Delivered``, no callback chain), which resumes each as it is
+parsed, and after each wake-up writes the acks that are due (``AckWindow(timer=False)``).
+Everything else is a chore done every ``POLL_CAP`` (0.1 s), replies or not:
+reconnects, heartbeats, periodic tasks, and one run of gevent's hub (``gevent.idle``:
+the publishing link's reader, timers, whatever ``on_reply`` code spawned), so nothing
+else a started runtime runs is starved. With the other processes of Kamailio evicting
+the caches between two wake-ups, a hub run costs ~100 µs (libev's fork check, the
+watchers, two switches) and each Python function a wake-up touches a few: so a
+wake-up does no more than poll, read, resume, ack (``bench/resume_cost.py``).
 
 Failover is the links' own: a lost connection is dropped (``Link.lost``), reconnected
 round-robin with back-off, and its up-hooks declare the queue and consume again; what
@@ -30,16 +34,14 @@ from gevent import monkey
 from . import _defaults as D
 from .errors import ConnectionLost, NotConnected
 
-__all__ = ['ResumeLoop', 'POLL_CAP', 'HUB_EVERY']
+__all__ = ['ResumeLoop', 'POLL_CAP']
 
 log = logging.getLogger('kazoo_green')
 
-#: The longest the loop sleeps in poll(2) (seconds): gevent's hub runs at least this
-#: often for the rest of the process (the publishing link's reader, timers).
+#: The longest the loop sleeps in poll(2) (seconds), and how often it does its chores
+#: (heartbeats, periodic tasks, one run of gevent's hub for the rest of the process: the
+#: publishing link's reader, timers), replies or not.
 POLL_CAP = D.POLL_INTERVAL
-#: The hub runs at most this often (seconds) while replies keep the loop awake, and at
-#: least every POLL_CAP.
-HUB_EVERY = 0.02
 # The process may be monkey-patched (Kamailio's Python is): the real poll(2), not the hub's.
 _poll = monkey.get_original('select', 'poll')
 _POLLIN = select.POLLIN | select.POLLPRI | select.POLLERR | select.POLLHUP
@@ -50,21 +52,26 @@ class ResumeLoop(object):
 
     ``windows``: link -> its current AckWindow (``timer=False``), kept up to date by
     the links' up-hooks; ``periodic``: ``(interval, fn)`` pairs called from the loop
-    (never concurrently, an exception logged).
+    (never concurrently, an exception logged); ``lanes``: link -> the ``lane`` its
+    FastPath hands whole messages of the resume queue's consumer to (see
+    ``FastPath._frames``), kept up to date by the up-hooks too.
     """
 
-    def __init__(self, links, windows, periodic=()):
+    def __init__(self, links, windows, periodic=(), lanes=None):
         self.links = list(links)
         self.windows = windows
+        self.lanes = {} if lanes is None else lanes
         now = monotonic()
         self._tasks = [[now + interval, interval, fn] for interval, fn in periodic]
         self._retry_at = {link: now for link in self.links}
         self._delay = {link: D.RECONNECT_DELAY for link in self.links}
         self._beat_at = {link: now for link in self.links}
-        self._fds = None
+        self._polled = None   # (generation, connected) of each link the poll set is for
         self._by_fd = {}
         self._poller = None
-        self._hub_at = now
+        #: When the chores are due (``_chores``): reconnects, heartbeats, periodic tasks,
+        #: the hub, the poll set.
+        self._chores_at = now
         self.running = True
 
     def run(self):
@@ -83,35 +90,51 @@ class ResumeLoop(object):
 
     # -- one wake-up ---------------------------------------------------
     def once(self):
-        now = monotonic()
-        for link in self.links:
-            if not link.connected and now >= self._retry_at[link]:
-                self._connect(link)
-        wake = now + POLL_CAP
-        for window in self.windows.values():
-            if window.due is not None and window.due < wake:
-                wake = window.due
-        for task in self._tasks:
-            if task[0] < wake:
-                wake = task[0]
-        for link in self.links:
-            if not link.connected and self._retry_at[link] < wake:
-                wake = self._retry_at[link]
-        poller = self._poll_set()
-        ms = max(0, math.ceil((wake - monotonic()) * 1000))
+        """Sleep in poll(2) until a socket is readable, an ack is due or the chores
+        are; read and resume what came in, write the acks that are due, do the chores
+        when due. (What runs on every wake-up is kept to that: with cold caches each
+        Python function a wake-up touches costs it microseconds.)"""
+        wake = self._chores_at
+        windows = self.windows.values()
+        for window in windows:
+            due = window.due
+            if due is not None and due < wake:
+                wake = due
+        ms = math.ceil((wake - monotonic()) * 1000)
+        poller = self._poller
         try:
-            events = poller.poll(ms) if poller is not None else gevent.sleep(ms / 1000.0)
+            if poller is not None:
+                events = poller.poll(ms if ms > 0 else 0)
+            else:
+                events = gevent.sleep(max(0, ms) / 1000.0)
         except InterruptedError:
             events = None
         if events:
+            by_fd = self._by_fd
             for fd, _ in events:
-                link = self._by_fd.get(fd)
-                if link is not None:
+                link = by_fd.get(fd)
+                if link is not None and link.connected:
                     self._read(link)
+                else:   # a connection gone meanwhile: the poll set is stale
+                    self._chores_at = 0
         now = monotonic()
-        for window in self.windows.values():   # full windows flushed themselves
-            if window.due is not None and now >= window.due:
+        for window in windows:   # full windows flushed themselves
+            due = window.due
+            if due is not None and now >= due:
                 window.flush()
+        if now >= self._chores_at:
+            self._chores(now)
+
+    def _chores(self, now):
+        """Everything but reading and acking, at most every POLL_CAP (sooner when a
+        reconnect or a periodic task is due, or a connection was lost): connect the
+        links that are down and due, heartbeats, periodic tasks, one run of gevent's
+        hub (the rest of the process: the publishing link's reader, timers, what
+        ``on_reply`` code spawned), and the poll set brought up to date."""
+        for link in self.links:
+            if not link.connected and now >= self._retry_at[link]:
+                self._connect(link)
+        now = monotonic()
         for link in self.links:
             if link.connected and now >= self._beat_at[link]:
                 self._beat_at[link] = now + link.poll_interval
@@ -127,12 +150,25 @@ class ResumeLoop(object):
                     task[2]()
                 except Exception:
                     log.exception('resume loop: periodic task %r failed', task[2])
-        if now >= self._hub_at:   # the rest of the process: other links' readers, timers
-            self._hub_at = now + HUB_EVERY
-            gevent.idle()
+        gevent.idle()
+        now = monotonic()
+        at = now + POLL_CAP
+        for task in self._tasks:
+            if task[0] < at:
+                at = task[0]
+        for link in self.links:
+            if not link.connected and self._retry_at[link] < at:
+                at = self._retry_at[link]
+        self._chores_at = at
+        self._poll_set()
 
     def _poll_set(self):
-        """A poll object over the connected links' sockets (rebuilt when they change)."""
+        """The poll object over the connected links' sockets, made again when a link's
+        connection changed since."""
+        key = tuple((link.generation, link.connected) for link in self.links)
+        if key == self._polled:
+            return
+        self._polled = key
         fds = []
         for link in self.links:
             raw = link._raw if link.connected else None
@@ -142,26 +178,40 @@ class ResumeLoop(object):
                     fds.append((sock.fileno(), link))
                 except OSError:
                     pass
-        key = tuple(fd for fd, _ in fds)
-        if key != self._fds:
-            self._fds = key
-            self._by_fd = dict(fds)
-            self._poller = None
-            if fds:
-                self._poller = _poll()
-                for fd, _ in fds:
-                    self._poller.register(fd, _POLLIN)
-        return self._poller
+        self._by_fd = dict(fds)
+        self._poller = None
+        if fds:
+            self._poller = _poll()
+            for fd, _ in fds:
+                self._poller.register(fd, _POLLIN)
 
     def _read(self, link):
         """Handle what ``link``'s socket has (and what TLS has buffered), without
         waiting for more: at most a prefetch's worth of replies (the broker sends no
         more until they are acked, after this)."""
-        if link.fast is not None:
+        fast = link.fast
+        lane = self.lanes.get(link)
+        if fast is not None and lane is not None and link._read_free.is_set():
+            # poll(2) said it is readable: one read, then every whole frame in the buffer
+            # (TLS may hold more decrypted than one read took).
+            gen = link.generation
+            try:
+                while fast.fill_now():
+                    fast._frames(-1, lane)
+                    if not (fast.tls and fast.sock.pending()):
+                        break
+            except link.errors as exc:
+                link.lost(exc, gen)
+            except Exception as exc:  # a bug must not leave the link half-dead
+                log.exception('%s link: unexpected error while reading', link.name)
+                link.lost(exc, gen)
+        elif fast is not None:
             link._drain_pending()
         else:   # py-amqp's own reads (no fast path on this connection): one drain
             once = iter((False,))
             link._read_until(lambda: next(once, True), lambda: link.poll_interval)
+        if not link.connected:   # lost: reconnect (and a new poll set) without waiting
+            self._chores_at = 0
 
     def _connect(self, link):
         try:

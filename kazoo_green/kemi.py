@@ -53,6 +53,7 @@ import functools
 import logging
 import os
 import re
+import sys
 from collections import deque
 from time import monotonic
 
@@ -65,7 +66,7 @@ from ._amqpfast import encode_request
 from ._admission import INTERVAL as ADMISSION_INTERVAL, Admission
 from ._kamstats import PUSH_INTERVAL, KamailioStats
 from ._query import done_within
-from ._resumeloop import ResumeLoop
+from ._resumeloop import POLL_CAP, ResumeLoop
 from .errors import BadMessage, ConnectionLost, KazooError, Overloaded
 from .wire import dumps, loads_payload, new_msg_id, stamp_received
 
@@ -87,8 +88,12 @@ _TIMEOUT_ROUTE = 'kazoo_timeout_'
 #: to ``method`` run with the transaction's timers and failure route reset (see
 #: ``Kazoo.resumed``).
 _RESUME_ROUTE = 'kazoo_resume_'
+#: The resume queue's consumer tag (and as basic.deliver carries it: its length first).
+_ASYNC_TAG = 'kg-async'
+_ASYNC_TAG_WIRE = bytes((len(_ASYNC_TAG),)) + _ASYNC_TAG.encode()
 # How long a resumed Msg-ID is remembered, to drop a second copy of its reply.
 _DONE_TTL = 60.0
+_NO_LAG = float('inf')
 #: Unacked replies a consumer process holds: more go to the others.
 ASYNC_PREFETCH = 32
 #: Resumed replies are acked together (one basic.ack ``multiple``), when this many are
@@ -106,8 +111,13 @@ SHED_LAG = 0.25
 
 
 def _ksr():
-    import KSR  # only importable inside Kamailio (or a test's fake)
-    return KSR
+    """Kamailio's ``KSR`` module (ImportError outside Kamailio, or without a test's
+    fake): found in ``sys.modules`` once imported, cheaper than an import statement on
+    every call (a resume makes three)."""
+    ksr = sys.modules.get('KSR')
+    if ksr is None:
+        import KSR as ksr  # only importable inside Kamailio (or a test's fake)
+    return ksr
 
 
 class KSRLogHandler(logging.Handler):
@@ -208,6 +218,9 @@ class Kazoo(runtime.Kazoo):
         #: The ResumeLoop driving this process (a ``kazoo_resumer``), else None.
         self._loop = None
         self._ack_windows = {}   # consuming link -> the AckWindow of its resume queue
+        self._resume_lanes = {}  # consuming link -> its lane in a resumer (ResumeLoop)
+        self._lags = []          # a resumer's (exchange, seconds) since its last books
+        self._lag_min = _NO_LAG  # ... and the shortest lag of a reply since then
         #: This process's share of Kamailio's ``kazoo_green`` statistics.
         self.kamailio_stats = KamailioStats(self)
         self._pub_link.add_up_hook(self._declare_async_queue)
@@ -406,27 +419,38 @@ class Kazoo(runtime.Kazoo):
 
             def on_message(raw):
                 self._on_async_message(raw, acks)
-            link.consume(channel, self.async_queue, 'kg-async', on_message, False)
+            link.consume(channel, self.async_queue, _ASYNC_TAG, on_message, False)
+            if self._loop is not None:   # its whole messages straight to _on_async_reply
+                self._resume_lanes[link] = (channel.channel_id, _ASYNC_TAG_WIRE,
+                                            functools.partial(self._on_async_reply, acks))
         return consume_async_queue
 
     def _on_async_message(self, message, acks=None):
-        """Runs in the reading greenlet: hand every resume to a worker. Never raises."""
-        tag = getattr(message, 'delivery_tag', None)
+        """A delivery of the resume queue (``Delivered``, or kombu's message). Never
+        raises."""
+        props = getattr(message, 'properties', None) or {}
+        self._on_async_reply(acks, getattr(message, 'delivery_tag', None),
+                             props.get('correlation_id'), message.body,
+                             getattr(message, 'bad', None))
+
+    def _on_async_reply(self, acks, tag, correlation_id, body, bad):
+        """One delivery of the resume queue, in the process reading it: its transaction
+        resumed here (a ``kazoo_resumer``'s loop) or by a worker greenlet. Never
+        raises."""
         try:
-            bad = getattr(message, 'bad', None)
             if bad:
                 raise BadMessage(bad)
-            payload = loads_payload(message.body)
+            payload = loads_payload(body)
         except BadMessage as exc:
             # Which transaction it was for is unknown (or untrusted): tm resumes it into
             # on_timeout at its deadline.
             self._stats.bad_input += 1
             _logs.bad_input.warning('bad message on %s (%d bytes): %s', self.async_queue,
-                                    len(message.body or b''), exc)
+                                    len(body or b''), exc)
             self._ack(acks, tag)
             return
         stamp_received(payload, self.zone)   # as consumed messages and sync replies
-        msg_id = message.properties.get('correlation_id') or payload.get('Msg-ID')
+        msg_id = correlation_id or payload.get('Msg-ID')
         info = _parse_async_id(msg_id)
         if info is None:
             self._stats.replies_unmatched += 1
@@ -434,29 +458,53 @@ class Kazoo(runtime.Kazoo):
                                     self.async_queue, _logs.short(msg_id))
             self._ack(acks, tag)
             return
-        self._finish(msg_id, info, payload, acks, tag)
-
-    def _finish(self, msg_id, info, payload, acks=None, tag=None):
         index, label, on_reply, on_timeout, deadline, sent, exchange = info
         if msg_id in self._async_done:
             self._stats.replies_unmatched += 1  # a second copy
             self._ack(acks, tag)
             return
         now = monotonic()
-        if self._admission is not None:
-            self._admission.observe(now - sent)
+        lag = now - sent
+        loop = self._loop
+        if loop is None:
+            if self._admission is not None:
+                self._admission.observe(lag)
+        elif lag < self._lag_min:
+            self._lag_min = lag   # for the admission, with the books (_loop_books)
         if now > deadline:
             # tm answers it (answered) through on_timeout: shed, do not resume late.
             self._stats.async_late += 1
             self._ack(acks, tag)
             return
-        self._mark_done(msg_id, now)
-        if self._loop is not None:   # a resuming process's loop: nothing else to run
-            self._resume_reply(index, label, on_reply, payload, acks, tag, exchange,
-                               now - sent)
+        if loop is None:
+            self._mark_done(msg_id, now)
+            self.dispatcher.submit(self._resume_reply, (index, label, on_reply, payload, acks,
+                                                        tag, exchange, lag))
             return
-        self.dispatcher.submit(self._resume_reply, (index, label, on_reply, payload, acks, tag,
-                                                    exchange, now - sent))
+        # A resuming process's loop (nothing else to run): resumed here and now, the
+        # books kept once a chore (_loop_books: cold caches make each function a reply
+        # touches cost microseconds, a batch of them pays that once).
+        self._async_done.add(msg_id)
+        self._async_done_order.append((now, msg_id))
+        if self._continue(index, label, on_reply, payload, None, expected=False):
+            self._stats.queries_ok += 1
+            self._lags.append((exchange, lag))
+        else:   # see _resume_reply
+            self._stats.replies_unmatched += 1
+        if acks is not None and tag is not None:
+            acks.done(tag)
+
+    def _loop_books(self):
+        """A resuming loop's chore: what its resumes left to count (the latency
+        histogram, the admission's shortest lag) counted, the done Msg-IDs expired."""
+        lags, self._lags = self._lags, []
+        observe = self._stats.observe
+        for exchange, seconds in lags:
+            observe('query_seconds', exchange, seconds)
+        if self._admission is not None and self._lag_min != _NO_LAG:
+            self._admission.observe(self._lag_min)
+        self._lag_min = _NO_LAG
+        self._expire_done(monotonic())
 
     def _resume_reply(self, index, label, method, payload, acks, tag, exchange, seconds):
         try:
@@ -483,11 +531,14 @@ class Kazoo(runtime.Kazoo):
         log.warning('cannot ack replies on %s: %s', self.async_queue, exc)
 
     def _mark_done(self, msg_id, now):
+        self._expire_done(now)
+        self._async_done.add(msg_id)
+        self._async_done_order.append((now, msg_id))
+
+    def _expire_done(self, now):
         done, order = self._async_done, self._async_done_order
         while order and now - order[0][0] > _DONE_TTL:  # oldest first: O(1) each
             done.discard(order.popleft()[1])
-        done.add(msg_id)
-        order.append((now, msg_id))
 
     def after_fork(self):
         """In ``child_init``: nothing inherited from the parent is used (no I/O here)."""
@@ -532,10 +583,10 @@ class Kazoo(runtime.Kazoo):
     def _run_resume_loop(self, links):
         """A resuming process without the hub in the way (``_resumeloop``), until
         ``stop()``."""
-        periodic = [(PUSH_INTERVAL, self.kamailio_stats.tick)]
+        periodic = [(POLL_CAP, self._loop_books), (PUSH_INTERVAL, self.kamailio_stats.tick)]
         if self._admission is not None:
             periodic.append((ADMISSION_INTERVAL, self._admission.update))
-        self._loop = ResumeLoop(links, self._ack_windows, periodic)
+        self._loop = ResumeLoop(links, self._ack_windows, periodic, self._resume_lanes)
         self._resume = _LoopResume()
         self.start()   # the publishing link's reader; these links are the loop's
         self._loop.run()

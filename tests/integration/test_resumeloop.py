@@ -176,3 +176,118 @@ def test_sip_worker_lane_stores_only_the_counters_it_changed_and_kamailio_sums_r
             sum(kz.stats()[name] for kz in both), name
     assert fake.counter_values['kazoo_green.queries'] == 12
     assert fake.counter_values['kazoo_green.queries_ok'] == 12
+
+
+@pytest.fixture
+def alone(fake):
+    """(resumer, worker, answer): a resuming process and a SIP worker whose async queries
+    go to an exchange nobody consumes (``worker.silent``);
+    ``answer(msg_id, body=None, **properties)`` publishes a reply to the resume queue
+    as kazoo_green's ``Kazoo.respond`` does (no ``properties``), else with py-amqp and
+    exactly those properties."""
+    import amqp
+    import types
+    node = unique('kamailio') + '@test'
+    resumer = kemi.Kazoo(RABBIT_URL, node=node, heartbeat=2, resume_in_consumer=False)
+    fake.handler = Router(resumer)
+    loop = gevent.spawn(resumer.run_consumer, False)
+    link = resumer._sub_link
+    assert wait_for(lambda: resumer._loop is not None and link.connected
+                    and link in resumer._ack_windows, 10)
+    worker = kemi.Kazoo(RABBIT_URL, node=node)
+    plain = amqp.Connection('127.0.0.1:5672')
+    plain.connect()
+    channel = plain.channel()
+    worker.silent = unique('nobody')
+    channel.exchange_declare(worker.silent, 'topic', auto_delete=False)
+
+    def answer(msg_id, body=None, **properties):
+        if not properties and body is None:
+            meta = types.SimpleNamespace(zone=None, via=None, properties={
+                'reply_to': resumer.async_queue, 'correlation_id': msg_id})
+            worker.respond({'Msg-ID': msg_id}, {'Answer': 'kg'}, meta)
+            return
+        channel.basic_publish(amqp.Message(body, **properties), exchange='',
+                              routing_key=resumer.async_queue)
+    yield resumer, worker, answer
+    channel.exchange_delete(worker.silent)
+    plain.close()
+    resumer._loop.stop()
+    loop.join(timeout=2)
+    loop.kill()
+    for kz in (worker, resumer):
+        kz.stop(timeout=2)
+
+
+def suspend(fake, worker, user):
+    """An async query nobody answers (no responder): (its request, its Msg-ID)."""
+    msg = fake.request('INVITE', ruri_user=user)
+    msg_id = worker.async_query(worker.silent, 'route.req', {'To': user},
+                                on_reply='route_reply', on_timeout='route_timeout',
+                                timeout=10)
+    return msg, msg_id
+
+
+def test_whole_replies_go_down_the_lane_and_the_books_are_kept_by_a_chore(
+        fake, alone, monkeypatch):
+    """A reply as kazoo_green sends one (JSON, UTF-8, a correlation id) and one with
+    other properties both resume straight from the read (no ``Delivered``, no consumer
+    callback); the latency histogram, the admission's lag and the expiry of resumed
+    Msg-IDs are done by the loop's chore afterwards."""
+    resumer, worker, answer = alone
+    monkeypatch.setattr(kemi, '_DONE_TTL', 0.0)
+    via_callback = []
+    monkeypatch.setattr(resumer, '_on_async_message', lambda *a: via_callback.append(a))
+    first, first_id = suspend(fake, worker, 'lane')
+    other, other_id = suspend(fake, worker, 'props')
+    answer(first_id)
+    answer(other_id, b'{"Answer": "other"}', correlation_id=other_id, priority=3,
+           application_headers={'x': 1})
+    assert wait_for(lambda: codes(fake, first) == [302] and codes(fake, other) == [302], 10)
+    assert first.get('$ru') == 'sip:kg@10.0.0.9' and other.get('$ru') == 'sip:other@10.0.0.9'
+    assert via_callback == []
+    histogram = resumer._stats.query_seconds
+    assert wait_for(lambda: sum(h.count for h in histogram.values()) == 2, 5), histogram
+    assert wait_for(lambda: not resumer._async_done and not resumer._lags, 5)
+    assert resumer.stats()['queries_ok'] == 2
+    assert wait_for(lambda: queue_counts(resumer.async_queue) == (0, 0), 10)
+
+
+def test_a_second_copy_of_a_reply_is_unmatched_and_resumes_nothing(fake, alone):
+    resumer, worker, answer = alone
+    msg, msg_id = suspend(fake, worker, 'twice')
+    answer(msg_id)
+    answer(msg_id)
+    assert wait_for(lambda: resumer.stats()['replies_unmatched'] == 1, 10), resumer.stats()
+    assert codes(fake, msg) == [302] and len(fake.continues) == 1
+    assert resumer.stats()['queries_ok'] == 1
+
+
+def test_a_reply_whose_properties_cannot_be_read_is_bad_input_acked_and_not_resumed(
+        fake, alone):
+    """A correlation id that is not UTF-8: counted as bad input, acked, and the
+    transaction left to its deadline; the next reply resumes."""
+    resumer, worker, answer = alone
+    msg, msg_id = suspend(fake, worker, 'broken')
+    answer(msg_id, b'{"Answer": "x"}', content_type='application/json',
+           content_encoding='utf-8', correlation_id=b'\xff' + msg_id.encode())
+    assert wait_for(lambda: resumer.stats()['bad_input'] == 1, 10), resumer.stats()
+    assert codes(fake, msg) == [] and fake.continues == []
+    later, later_id = suspend(fake, worker, 'later')
+    answer(later_id)
+    assert wait_for(lambda: codes(fake, later) == [302], 10)
+    assert wait_for(lambda: queue_counts(resumer.async_queue) == (0, 0), 10)
+
+
+def test_a_reply_bigger_than_a_read_and_a_frame_resumes_too(fake, alone):
+    """200 kB of body: more than one read of the socket (64 kB) and more than one body
+    frame (the broker's frame_max, 128 kB): assembled frame by frame, then resumed."""
+    resumer, worker, answer = alone
+    msg, msg_id = suspend(fake, worker, 'big')
+    body = ('{"Answer": "big", "Pad": "%s"}' % ('x' * 200000)).encode()
+    answer(msg_id, body, correlation_id=msg_id)
+    assert wait_for(lambda: codes(fake, msg) == [302], 10)
+    assert msg.get('$ru') == 'sip:big@10.0.0.9'
+    small, small_id = suspend(fake, worker, 'small')
+    answer(small_id)
+    assert wait_for(lambda: codes(fake, small) == [302], 10)
