@@ -68,7 +68,7 @@ from ._kamstats import PUSH_INTERVAL, KamailioStats
 from ._query import done_within
 from ._resumeloop import POLL_CAP, ResumeLoop
 from .errors import BadMessage, ConnectionLost, KazooError, Overloaded
-from .wire import dumps, loads_payload, new_msg_id, stamp_received
+from .wire import dumps, loads_payload, new_token, stamp_received
 
 __all__ = ['Kazoo', 'Handler', 'KSRLogHandler', 'use_kamailio_log']
 
@@ -278,25 +278,25 @@ class Kazoo(runtime.Kazoo):
             raise Overloaded('async query refused: replies are resumed late '
                              '(%.0f%% of new async queries shed)' % (admission.share * 100))
         timeout = self._timeout(timeout, self.query_timeout)
-        message = self._message(payload)
+        message = self._message(payload, '')   # its Msg-ID is set below
         KSR = _ksr()
         tm = KSR.tm
-        if tm.t_newtran() < 0:
-            raise KazooError('cannot create the transaction for an async query')
-        pv = KSR.pv
-        index = int(pv.get('$T(id_index)'))
-        label = int(pv.get('$T(id_label)'))
         # The deadline is tm's: t_suspend adds a branch whose final-response timer is
-        # this one; when it fires, tm runs the failure route (Handler: on_timeout).
+        # this one; when it fires, tm runs the failure route (Handler: on_timeout). Both
+        # set before the transaction exists are given to it when t_suspend makes it (as
+        # t_on_failure before t_relay), so no t_newtran of its own.
         ms = max(1, int(timeout * 1000))
         if tm.t_set_fr(ms, ms) < 0 or tm.t_on_failure(_TIMEOUT_ROUTE + on_timeout) < 0:
             raise KazooError('cannot set the timeout of the async query\'s transaction')
         if KSR.tmx.t_suspend() < 0:
-            raise KazooError('cannot suspend the transaction for an async query')
+            raise KazooError('cannot create or suspend the transaction for an async query')
+        pv = KSR.pv
+        index = int(pv.get('$T(id_index)'))
+        label = int(pv.get('$T(id_label)'))
         now = monotonic()
         msg_id = '%s:%d:%d:%s:%s:%d:%d:%s:%s' % (
             _ASYNC_PREFIX, index, label, on_reply, on_timeout, int((now + timeout) * 1000),
-            int(now * 1000000), new_msg_id(), exchange)
+            int(now * 1000000), new_token(), exchange)
         message['Msg-ID'] = msg_id
         message['Server-ID'] = self.async_queue
         self._stats.queries += 1   # as query(): every one asked, sent or not

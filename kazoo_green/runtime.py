@@ -137,8 +137,8 @@ class Kazoo(object):
             raise ValueError('timeout must not be negative: %r' % (value,))
         return value
 
-    def _message(self, payload):
-        return stamp(payload, self.app_name, self.app_version, self.node)
+    def _message(self, payload, msg_id=None):
+        return stamp(payload, self.app_name, self.app_version, self.node, msg_id)
 
     def publish(self, exchange, routing_key, payload, headers=None, confirm=False,
                 mandatory=False, persistent=False, timeout=None, properties=None,

@@ -215,9 +215,16 @@ def new_msg_id():
     return '%s-%s-%s-%s-%s' % (h[:8], h[8:12], h[12:16], h[16:20], h[20:])
 
 
-def stamp(payload, app_name, app_version, node):
+def new_token():
+    """64 random bits as 16 hex digits: what makes an async query's Msg-ID unique (its
+    other parts say what it is for), for less than a UUID's formatting."""
+    return '%016x' % _rng.getrandbits(64)
+
+
+def stamp(payload, app_name, app_version, node, msg_id=None):
     """A copy of ``payload`` (a dict or JSON text, see ``to_payload``) with the envelope
-    fields a Kazoo message carries added where absent."""
+    fields a Kazoo message carries added where absent; ``msg_id``: its Msg-ID, whatever
+    the payload had (else a new one where absent)."""
     # A dict is copied here, not in to_payload: one call less for a SIP worker's query.
     payload = dict(payload) if type(payload) is dict else to_payload(payload)
     if 'App-Name' not in payload:
@@ -226,7 +233,9 @@ def stamp(payload, app_name, app_version, node):
         payload['App-Version'] = app_version
     if 'Node' not in payload:
         payload['Node'] = node
-    if 'Msg-ID' not in payload:
+    if msg_id is not None:
+        payload['Msg-ID'] = msg_id
+    elif 'Msg-ID' not in payload:
         payload['Msg-ID'] = new_msg_id()
     return payload
 

@@ -137,6 +137,9 @@ def test_stamp_adds_only_missing_fields_to_a_copy():
     assert stamp('{"Msg-ID": "y"}', 'a', 'b', 'c')['Msg-ID'] == 'y'
     with pytest.raises(InvalidPayload):
         stamp('[1]', 'a', 'b', 'c')
+    # A Msg-ID given replaces the payload's, and none is made (an async query's).
+    assert stamp({'Msg-ID': 'x'}, 'a', 'b', 'c', 'mine')['Msg-ID'] == 'mine'
+    assert stamp({}, 'a', 'b', 'c', '')['Msg-ID'] == ''
 
 
 def test_route_names_follow_the_c_module_order():
@@ -209,6 +212,15 @@ def test_msg_ids_are_random_version_4_uuids():
     # every random hex digit takes every value somewhere (not a constant part)
     for position in (0, 7, 9, 15, 20, 35):
         assert len({text[position] for text in ids}) == 16
+
+
+def test_tokens_are_16_random_hex_digits():
+    from kazoo_green.wire import new_token
+    tokens = [new_token() for _ in range(2000)]
+    assert len(set(tokens)) == len(tokens)
+    assert all(len(t) == 16 and int(t, 16) >= 0 for t in tokens)
+    for position in (0, 7, 15):
+        assert len({t[position] for t in tokens}) == 16
 
 
 def test_json_path_escape_stands_for_a_dot_inside_a_key():
