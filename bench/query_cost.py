@@ -224,18 +224,11 @@ def pieces(kz, calls):
 def bytecodes(calls):
     """Bytecodes executed by one call of each of ``calls``, in all and per function."""
     import collections
+    from bytecode_count import opcode_tracer   # bench/, this script's directory
     for name, fn in calls.items():
         fn()   # warm: adaptive bytecode settled, connections made
         counts = collections.Counter()
-
-        def tracer(frame, event, arg):
-            frame.f_trace_opcodes = True
-            if event == 'opcode':
-                code = frame.f_code
-                counts['%s:%s' % (os.path.basename(code.co_filename), code.co_name)] += 1
-            return tracer
-
-        sys.settrace(tracer)
+        sys.settrace(opcode_tracer(counts))
         try:
             fn()
         finally:

@@ -6,10 +6,10 @@ the local RabbitMQ that a feeder process fills with replies at ``--rate`` a seco
 responder answers, ``Kazoo.respond``), the process's CPU time (user+system) from the
 first reply resumed to the last, per reply:
 
-* ``kg``: ``kemi.Handler.kazoo_resumer`` of a ``kemi.Kazoo`` set up as the example
-  router's (``resume_in_consumer=False``, statistics declared): the ResumeLoop, acks,
-  Msg-ID checks, bookkeeping, ``t_continue`` into ``kazoo_resume_route_reply``, the
-  router's ``route_reply`` (``$ru`` and a 302);
+* ``kg``: ``kazoo_resumer`` of examples/kamailio/router.py's own runtime and ``Router``
+  (``resume_in_consumer=False``, statistics declared): the ResumeLoop, acks, Msg-ID
+  checks, bookkeeping, ``t_continue`` into ``kazoo_resume_route_reply``, the router's
+  ``route_reply`` (``$ru`` and a 302);
 * ``bare``: bench/systems/bound_async.py's loop (``no_ack``, frames cut out of the
   stream, orjson, ``t_continue`` into a method setting ``$ru`` and replying).
 
@@ -111,14 +111,8 @@ class Clock(object):
             self.done()
 
     def _trace_on(self):
-        counts = self.counts
-
-        def tracer(frame, event, arg):
-            frame.f_trace_opcodes = True
-            if event == 'opcode':
-                code = frame.f_code
-                counts['%s:%s' % (os.path.basename(code.co_filename), code.co_name)] += 1
-            return tracer
+        from bytecode_count import opcode_tracer   # bench/, this script's directory
+        tracer = opcode_tracer(self.counts)
         frame = sys._getframe().f_back   # every frame up the stack: the loop's too
         while frame is not None:
             frame.f_trace = tracer
@@ -145,37 +139,22 @@ class Clock(object):
 def resumer_kg(args):
     handler_ref = [None]
     from kazoo_green._kamstats import SCHEMA
-    sys.modules['KSR'] = KSR = fake_ksr(handler_ref, SCHEMA)
-    sys.path.insert(0, ROOT)
-    import kazoo_green  # noqa: F401  (gevent's patching, as in Kamailio)
-    import kazoo_green.kemi as kemi
-    kz = kemi.Kazoo(URL, app_name='kamailio', node=NODE, query_timeout=2.0,
-                    resume_in_consumer=False)
+    sys.modules['KSR'] = fake_ksr(handler_ref, SCHEMA)
+    os.environ['KAZOO_GREEN_NODE'] = NODE
+    sys.path.insert(0, os.path.join(ROOT, 'examples', 'kamailio'))
+    import router   # the example's runtime and Router, as Kamailio loads them
 
     def done():
-        kz._loop.stop()
+        router.kz._loop.stop()
     clock = Clock(args.replies, done, args.trace, args.profile)
 
-    class Router(kemi.Handler):   # examples/kamailio/router.py's resume
+    class Timed(router.Router):
         def route_reply(self, msg):
-            self.answer(kz.reply(), KSR.tm.t_reply)
+            result = super(Timed, self).route_reply(msg)
             clock.tick()
-            return 1
+            return result
 
-        def route_timeout(self, msg):
-            KSR.tm.t_reply(503, 'Service Unavailable')
-            return 1
-
-        @staticmethod
-        def answer(reply, send):
-            route = reply.get('Route')
-            if route:
-                KSR.pv.sets('$ru', str(route))
-                send(302, 'Moved Temporarily')
-            else:
-                send(404, 'Not Found')
-
-    handler_ref[0] = handler = Router(kz)
+    handler_ref[0] = handler = Timed(router.kz)
     handler.kazoo_resumer(None)     # returns once done() stopped its loop
     return clock
 

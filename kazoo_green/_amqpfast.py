@@ -407,18 +407,17 @@ class FastPath(object):
                     delivery_tag = _Q.unpack_from(buf, pos + 11 + len(lane[1]))[0]
                     body = bytes(buf[body_at:stop - 1])
                     at = end + 20 + _REPLY_PROPERTIES_SIZE
+                    correlation_id = bad = None
                     if (buf.startswith(_REPLY_PROPERTIES, end + 20)
                             and at + 1 + buf[at] == header_end):
                         try:
                             correlation_id = bytes(buf[at + 1:header_end]).decode('utf-8')
                         except UnicodeDecodeError:   # decode_properties says so
-                            correlation_id = None
-                        if correlation_id is not None:
-                            lane[2](delivery_tag, correlation_id, body, None)
-                            handled += 1
-                            continue
-                    properties, bad = decode_properties(buf, end + 20, header_end)
-                    lane[2](delivery_tag, properties.get('correlation_id'), body, bad)
+                            pass
+                    if correlation_id is None:
+                        properties, bad = decode_properties(buf, end + 20, header_end)
+                        correlation_id = properties.get('correlation_id')
+                    lane[2](delivery_tag, correlation_id, body, bad)
                     handled += 1
                     continue
                 properties, bad = decode_properties(buf, end + 20, header_end)

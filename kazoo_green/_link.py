@@ -379,13 +379,39 @@ class Link(object):
                     break
         except self.errors as exc:
             self.lost(exc, gen)
-        except Exception as exc:  # a bug must not leave the link half-dead
-            log.exception('%s link: unexpected error while reading', self.name)
-            self.lost(exc, gen)
+        except Exception as exc:
+            self._read_broken(exc, gen)
         finally:
             self._rlock.release()
             self._read_free.set()
         return True
+
+    def read_lane(self, lane):
+        """For a caller whose poll(2) found the socket readable (a resume loop): read
+        what it has now and handle every whole frame in the buffer, the whole messages
+        of ``lane`` straight to it (``FastPath._frames``); TLS may hold more decrypted
+        than one read took. Returns False, reading nothing, where that cannot be done
+        (no fast path, or another greenlet is reading: the caller reads as usual)."""
+        fast = self.fast
+        if fast is None or not self._read_free.is_set():
+            return False
+        gen = self.generation
+        try:
+            while fast.fill_now():
+                fast._frames(-1, lane)
+                if not (fast.tls and fast.sock.pending()):
+                    break
+        except self.errors as exc:
+            self.lost(exc, gen)
+        except Exception as exc:
+            self._read_broken(exc, gen)
+        return True
+
+    def _read_broken(self, exc, gen):
+        """A bug while reading: logged, and the connection dropped, so the link is never
+        left half-dead."""
+        log.exception('%s link: unexpected error while reading', self.name)
+        self.lost(exc, gen)
 
     def _connect_failed(self, exc, url):
         self.stats.connection_errors += 1

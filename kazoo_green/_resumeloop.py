@@ -189,27 +189,14 @@ class ResumeLoop(object):
         """Handle what ``link``'s socket has (and what TLS has buffered), without
         waiting for more: at most a prefetch's worth of replies (the broker sends no
         more until they are acked, after this)."""
-        fast = link.fast
         lane = self.lanes.get(link)
-        if fast is not None and lane is not None and link._read_free.is_set():
-            # poll(2) said it is readable: one read, then every whole frame in the buffer
-            # (TLS may hold more decrypted than one read took).
-            gen = link.generation
-            try:
-                while fast.fill_now():
-                    fast._frames(-1, lane)
-                    if not (fast.tls and fast.sock.pending()):
-                        break
-            except link.errors as exc:
-                link.lost(exc, gen)
-            except Exception as exc:  # a bug must not leave the link half-dead
-                log.exception('%s link: unexpected error while reading', link.name)
-                link.lost(exc, gen)
-        elif fast is not None:
-            link._drain_pending()
-        else:   # py-amqp's own reads (no fast path on this connection): one drain
-            once = iter((False,))
-            link._read_until(lambda: next(once, True), lambda: link.poll_interval)
+        # The usual case: the resume queue's replies straight from the read (read_lane).
+        if lane is None or not link.read_lane(lane):
+            if link.fast is not None:
+                link._drain_pending()
+            else:   # py-amqp's own reads (no fast path on this connection): one drain
+                once = iter((False,))
+                link._read_until(lambda: next(once, True), lambda: link.poll_interval)
         if not link.connected:   # lost: reconnect (and a new poll set) without waiting
             self._chores_at = 0
 

@@ -482,17 +482,10 @@ class Kazoo(runtime.Kazoo):
                                                         tag, exchange, lag))
             return
         # A resuming process's loop (nothing else to run): resumed here and now, the
-        # books kept once a chore (_loop_books: cold caches make each function a reply
-        # touches cost microseconds, a batch of them pays that once).
-        self._async_done.add(msg_id)
-        self._async_done_order.append((now, msg_id))
-        if self._continue(index, label, on_reply, payload, None, expected=False):
-            self._stats.queries_ok += 1
-            self._lags.append((exchange, lag))
-        else:   # see _resume_reply
-            self._stats.replies_unmatched += 1
-        if acks is not None and tag is not None:
-            acks.done(tag)
+        # books (histogram, done-set expiry) kept once a chore (_loop_books: cold caches
+        # make each function a reply touches cost microseconds, a batch pays that once).
+        self._remember_done(msg_id, now)
+        self._resume_reply(index, label, on_reply, payload, acks, tag, exchange, lag)
 
     def _loop_books(self):
         """A resuming loop's chore: what its resumes left to count (the latency
@@ -510,7 +503,10 @@ class Kazoo(runtime.Kazoo):
         try:
             if self._continue(index, label, method, payload, None, expected=False):
                 self._stats.queries_ok += 1
-                self._stats.observe('query_seconds', exchange, seconds)
+                if self._loop is not None:
+                    self._lags.append((exchange, seconds))   # counted by _loop_books
+                else:
+                    self._stats.observe('query_seconds', exchange, seconds)
             else:
                 # No longer suspended: tm answered it at its deadline meanwhile, or this
                 # is a copy redelivered after another process resumed it (and lost its
@@ -532,6 +528,11 @@ class Kazoo(runtime.Kazoo):
 
     def _mark_done(self, msg_id, now):
         self._expire_done(now)
+        self._remember_done(msg_id, now)
+
+    def _remember_done(self, msg_id, now):
+        """``msg_id`` was resumed (a second copy of its reply is dropped until expired:
+        ``_expire_done``, here or in a resuming loop's books)."""
         self._async_done.add(msg_id)
         self._async_done_order.append((now, msg_id))
 

@@ -6,6 +6,7 @@ responder is a process of its own (the loop blocks this one in poll(2) for up to
 ``POLL_CAP`` at a time). What Kamailio itself does with it is in tests/e2e.
 """
 
+import contextlib
 import logging
 
 import gevent
@@ -52,9 +53,21 @@ def fake():
 def instance(fake):
     """(resumer, worker, exchange): one Kamailio instance's resuming process, running,
     and a SIP worker; a responder answers route.req on ``exchange``."""
-    node = unique('kamailio') + '@test'
     exchange = unique('callmgr')
     responder = responders.spawn(exchange, 'kazoo', 0.0)
+    try:
+        with running(fake) as (resumer, worker):
+            yield resumer, worker, exchange
+    finally:
+        responder.kill()
+        responder.wait()
+
+
+@contextlib.contextmanager
+def running(fake):
+    """(resumer, worker): one Kamailio instance's resuming process, running in a
+    greenlet, and a SIP worker; both stopped afterwards."""
+    node = unique('kamailio') + '@test'
     resumer = kemi.Kazoo(RABBIT_URL, node=node, heartbeat=2, resume_in_consumer=False)
     fake.handler = Router(resumer)
     loop = gevent.spawn(resumer.run_consumer, False)
@@ -62,14 +75,14 @@ def instance(fake):
     assert wait_for(lambda: resumer._loop is not None and link.connected
                     and link in resumer._ack_windows, 10)
     worker = kemi.Kazoo(RABBIT_URL, node=node)
-    yield resumer, worker, exchange
-    resumer._loop.stop()
-    loop.join(timeout=2)
-    loop.kill()
-    for kz in (worker, resumer):
-        kz.stop(timeout=2)
-    responder.kill()
-    responder.wait()
+    try:
+        yield resumer, worker
+    finally:
+        resumer._loop.stop()
+        loop.join(timeout=2)
+        loop.kill()
+        for kz in (worker, resumer):
+            kz.stop(timeout=2)
 
 
 def ask(fake, worker, exchange, user, timeout=5):
@@ -187,36 +200,26 @@ def alone(fake):
     exactly those properties."""
     import amqp
     import types
-    node = unique('kamailio') + '@test'
-    resumer = kemi.Kazoo(RABBIT_URL, node=node, heartbeat=2, resume_in_consumer=False)
-    fake.handler = Router(resumer)
-    loop = gevent.spawn(resumer.run_consumer, False)
-    link = resumer._sub_link
-    assert wait_for(lambda: resumer._loop is not None and link.connected
-                    and link in resumer._ack_windows, 10)
-    worker = kemi.Kazoo(RABBIT_URL, node=node)
-    plain = amqp.Connection('127.0.0.1:5672')
-    plain.connect()
-    channel = plain.channel()
-    worker.silent = unique('nobody')
-    channel.exchange_declare(worker.silent, 'topic', auto_delete=False)
+    with running(fake) as (resumer, worker):
+        plain = amqp.Connection('127.0.0.1:5672')
+        plain.connect()
+        channel = plain.channel()
+        worker.silent = unique('nobody')
+        channel.exchange_declare(worker.silent, 'topic', auto_delete=False)
 
-    def answer(msg_id, body=None, **properties):
-        if not properties and body is None:
-            meta = types.SimpleNamespace(zone=None, via=None, properties={
-                'reply_to': resumer.async_queue, 'correlation_id': msg_id})
-            worker.respond({'Msg-ID': msg_id}, {'Answer': 'kg'}, meta)
-            return
-        channel.basic_publish(amqp.Message(body, **properties), exchange='',
-                              routing_key=resumer.async_queue)
-    yield resumer, worker, answer
-    channel.exchange_delete(worker.silent)
-    plain.close()
-    resumer._loop.stop()
-    loop.join(timeout=2)
-    loop.kill()
-    for kz in (worker, resumer):
-        kz.stop(timeout=2)
+        def answer(msg_id, body=None, **properties):
+            if not properties and body is None:
+                meta = types.SimpleNamespace(zone=None, via=None, properties={
+                    'reply_to': resumer.async_queue, 'correlation_id': msg_id})
+                worker.respond({'Msg-ID': msg_id}, {'Answer': 'kg'}, meta)
+                return
+            channel.basic_publish(amqp.Message(body, **properties), exchange='',
+                                  routing_key=resumer.async_queue)
+        try:
+            yield resumer, worker, answer
+        finally:
+            channel.exchange_delete(worker.silent)
+            plain.close()
 
 
 def suspend(fake, worker, user):
