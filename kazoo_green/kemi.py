@@ -74,6 +74,16 @@ __all__ = ['Kazoo', 'Handler', 'KSRLogHandler', 'use_kamailio_log']
 
 log = logging.getLogger('kazoo_green')
 
+# No Python thread may live in a Kamailio process: app_python3 (threads_mode 0, the only
+# mode before Kamailio 6.0) keeps the GIL while Kamailio's C code runs, so a thread
+# waits for it forever and, while it waits, wakes every switch interval (5 ms) to ask
+# for it: idle CPU in every process, and a GIL hand-over forced into the main thread's
+# Python code under load. gevent's default resolver is such a thread (its threadpool),
+# started by the first getaddrinfo, numeric host or not (py-amqp's connect). c-ares
+# resolves in the process's own loop instead. GEVENT_RESOLVER, if set, still decides.
+if not os.environ.get('GEVENT_RESOLVER'):
+    gevent.config.resolver = 'ares'
+
 _METHOD = re.compile(r'[A-Za-z_][A-Za-z0-9_]{0,63}')
 #: (on_reply, on_timeout) pairs already found to be valid method names (``async_query``
 #: checks its arguments, the resuming side a Msg-ID's; a handler has a few; bounded all

@@ -5,6 +5,7 @@ One Kamailio (examples/kamailio/kamailio.cfg on 127.0.0.1:5060) and one responde
 run with all the processes it started with, and its log must show no crash.
 """
 
+import os
 import shutil
 import time
 
@@ -64,6 +65,17 @@ def test_invites_get_302_with_the_routed_contact(kamailio, user):
         queue = '%s-resume' % kamailio.node
         assert harness.wait_until(lambda: kamailio.queues().get(queue) == (2, 0), 5), \
             kamailio.queues().get(queue)
+
+
+def test_no_kamailio_process_runs_a_python_thread(kamailio):
+    """app_python3 keeps the GIL while Kamailio's C code runs: a thread (gevent's default
+    resolver starts one at the first connect) would starve and wake every 5 ms to ask
+    for it. After sync and async calls, every process has its main thread only."""
+    for user in ('alice', 'asyncalice'):
+        _assert_all(harness.run_sipp(harness.invite_scenario(user, 302), user, calls=20,
+                                     rate=20), '302', 20)
+    threads = {pid: len(os.listdir('/proc/%d/task' % pid)) for pid in kamailio.process_ids()}
+    assert threads and all(n == 1 for n in threads.values()), threads
 
 
 def test_unknown_user_gets_404(kamailio):
