@@ -580,7 +580,9 @@ class Kazoo(runtime.Kazoo):
         if not subscriptions and all(f.publisher is None and f.link.use_fast
                                      and not f.link.memory for f in feeds):
             return self._run_resume_loop([f.link for f in feeds])
-        if self._admission is not None:
+        if self._admission is not None and self._consuming_async:
+            # Only where replies are resumed (their lags observed): elsewhere an update
+            # sees none and lowers the share the resuming processes raise.
             gevent.spawn(self._admission_loop)
         self.start()
         if self._consuming_async:

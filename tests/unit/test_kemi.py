@@ -960,6 +960,25 @@ def test_replies_resumed_late_make_new_async_queries_refused_at_once(kamailio, r
     assert wait_for(lambda: len(router.resumed) == 4, 5)
 
 
+@pytest.mark.parametrize('resume_in_consumer', [True, False])
+def test_only_a_resuming_process_moves_the_shed_share(kamailio, resume_in_consumer):
+    """A kazoo_consumer that resumes nothing (resume_in_consumer=False) observes no lag:
+    were it to update the shared share, each of its intervals without a reply would
+    pull down what the resumers raise. Counted over two statistics pushes (PUSH_INTERVAL,
+    ten admission intervals)."""
+    instance = kamailio(shed_lag=0.05, resume_in_consumer=resume_in_consumer)
+    consumer = instance.process()
+    consumer.subscribe(unique('presence'), 'update.*', exchange_type='topic')
+    admission, stats = consumer._admission, consumer.kamailio_stats
+    updates, ticks = [], []
+    update, tick = admission.update, stats.tick
+    admission.update = lambda: (updates.append(1), update())[1]
+    stats.tick = lambda: (ticks.append(1), tick())[1]
+    instance.run(consumer.run_consumer)
+    assert wait_for(lambda: len(ticks) >= 2, 10)
+    assert bool(updates) is resume_in_consumer, len(updates)
+
+
 def test_shed_lag_none_never_refuses(kamailio, fake):
     worker = kamailio(shed_lag=None).process()
     assert worker._admission is None
