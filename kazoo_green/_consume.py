@@ -10,6 +10,7 @@ from amqp import spec
 
 from . import _defaults as D, _logs
 from ._dispatch import Delivery
+from ._sweep import SweepGuard
 from .errors import BadMessage, InvalidPayload, KazooError, NotConnected
 from .wire import loads_payload, route_names, stamp_received
 
@@ -72,6 +73,8 @@ class Subscription(object):
         self.retrying = False  # a greenlet is trying to set it up again
         self.serial = 0  # bumped for each new connection and broker cancel: see queue_name
         self.queue_in_use = queue
+        #: Channels consuming a copy of its queue that the broker deleted (see _sweep).
+        self.orphans = []
 
     def copy_for(self, zone):
         """A copy with the same settings and fresh per-connection state, for ``zone``."""
@@ -81,6 +84,7 @@ class Subscription(object):
         twin.retrying = False
         twin.serial = 0
         twin.queue_in_use = self.queue
+        twin.orphans = []
         return twin
 
     def queue_name(self, node, index):
@@ -170,6 +174,8 @@ class Subscriber(object):
         self.subscriptions = []
         self._unrouted_seen = set()
         self._connections = 0
+        #: Looks again at the fixed-name queues after each connect to a cluster.
+        self.sweep = SweepGuard(link)
         link.add_up_hook(self._setup_all)
         link.on_down(self._down)
 
@@ -189,12 +195,15 @@ class Subscriber(object):
         """Forget ``sub`` (its consumer cancelled when the link is up)."""
         if sub in self.subscriptions:
             self.subscriptions.remove(sub)
+        self.sweep.forget(sub)
         channel, sub.channel = sub.channel, None
-        if channel is not None and self.link.connected:
-            try:
-                self.link.rpc(self.link.cancel, channel, sub.tag)
-            except (KazooError,) + tuple(self.link.channel_errors) as exc:
-                log.warning('cannot cancel %r: %s', sub, exc)
+        orphans, sub.orphans = sub.orphans, []
+        for channel in [channel] + orphans:
+            if channel is not None and self.link.connected:
+                try:
+                    self.link.rpc(self.link.cancel, channel, sub.tag)
+                except (KazooError,) + tuple(self.link.channel_errors) as exc:
+                    log.warning('cannot cancel %r: %s', sub, exc)
 
     def _setup_all(self, conn):
         renew = self._connections > 0
@@ -292,6 +301,18 @@ class Subscriber(object):
                           on_cancel=self._cancelled)
         sub.channel = channel
         sub.queue_in_use = name
+        if not sub.renamable:
+            self.sweep.watch(sub, name, lambda conn: self._swept(sub, conn))
+
+    def _swept(self, sub, conn):
+        """``sub``'s queue was deleted by a cluster's clean-up (see _sweep): declare,
+        bind and consume it again. The consumer of the old one drains what it holds."""
+        if sub not in self.subscriptions:
+            return
+        old = sub.channel
+        self._setup(sub, conn)
+        if old is not None:
+            sub.orphans.append(old)
 
     def _cancelled(self, tag):
         """The broker cancelled a consumer (its queue was deleted): set it up again."""
@@ -307,18 +328,19 @@ class Subscriber(object):
     def _down(self, link, exc):
         for sub in self.subscriptions:
             sub.channel = None
+            sub.orphans = []
 
     def cancel_all(self):
         """Stop deliveries (used by a graceful stop); in-flight ones still settle."""
         for sub in self.subscriptions:
-            channel = sub.channel
-            if channel is not None and self.link.connected:
-                try:
-                    self.link.rpc(self.link.cancel, channel, sub.tag)
-                except KazooError as exc:
-                    log.warning('cannot cancel %r: %s', sub, exc)
-                except self.link.channel_errors as exc:
-                    log.warning('cannot cancel %r: %s', sub, exc)
+            for channel in [sub.channel] + sub.orphans:
+                if channel is not None and self.link.connected:
+                    try:
+                        self.link.rpc(self.link.cancel, channel, sub.tag)
+                    except KazooError as exc:
+                        log.warning('cannot cancel %r: %s', sub, exc)
+                    except self.link.channel_errors as exc:
+                        log.warning('cannot cancel %r: %s', sub, exc)
 
     # -- per message ----------------------------------------------------
     def _received(self, sub, channel, raw):

@@ -38,6 +38,8 @@ _COUNTERS = (
     ('handler_errors', 'event-route handlers that raised'),
     ('ack_failed', 'acks/rejects that could not be sent (connection gone)'),
     ('setup_errors', 'subscription setups the broker refused (each retried)'),
+    ('queues_swept', 'fixed-name queues a cluster deleted after they were declared (its '
+                     'clean-up after a node died): each declared again'),
     ('connects', 'successful broker connections'),
     ('reconnects', 'connections made after a lost one'),
     ('connection_errors', 'connections lost or connect attempts failed'),

@@ -237,7 +237,7 @@ class Kazoo(runtime.Kazoo):
         # Every consuming link of the primary zone (one per broker of a standalone zone:
         # a reply may come through any of them).
         for feed in self.zones[self.zone].feeds:
-            feed.link.add_up_hook(self._async_consumer(feed.link))
+            feed.link.add_up_hook(self._async_consumer(feed.link, feed.subscriber.sweep))
 
     # -- both sides -----------------------------------------------------
     def _declare_async_queue(self, conn, channel=None):
@@ -416,10 +416,19 @@ class Kazoo(runtime.Kazoo):
             stats.write()
 
     # -- consumer process side -----------------------------------------
-    def _async_consumer(self, link):
+    def _async_consumer(self, link, sweep):
+        def swept(conn):
+            # A cluster's clean-up deleted the queue (see _sweep): a new one, consumed
+            # on a new channel; what this process resumed from the old one is acked.
+            old = self._ack_windows.get(link)
+            consume_async_queue(conn)
+            if old is not None:
+                old.flush()
+
         def consume_async_queue(conn):
             if not self._consuming_async:
                 return
+            sweep.watch(_ASYNC_TAG, self.async_queue, swept)
             channel = conn.channel()
             self._declare_async_queue(conn, channel)
             channel.basic_qos(0, ASYNC_PREFETCH, False)
@@ -597,6 +606,9 @@ class Kazoo(runtime.Kazoo):
         """A resuming process without the hub in the way (``_resumeloop``), until
         ``stop()``."""
         periodic = [(POLL_CAP, self._loop_books), (PUSH_INTERVAL, self.kamailio_stats.tick)]
+        # Their fixed-name queue's checks after a connect (see _sweep): no reader here.
+        periodic.extend((POLL_CAP, f.subscriber.sweep.tick) for f in self.zones[self.zone].feeds
+                        if f.subscriber.sweep.enabled)
         if self._admission is not None:
             periodic.append((ADMISSION_INTERVAL, self._admission.update))
         self._loop = ResumeLoop(links, self._ack_windows, periodic, self._resume_lanes)

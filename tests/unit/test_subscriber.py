@@ -51,12 +51,16 @@ class FakeLink(object):
     """What Subscriber uses of a background Link; ``connected`` is set by the test."""
 
     channel_errors = (NotFound,)
+    brokers = ()   # one broker (SweepGuard looks at clusters only; see test_sweep)
 
     def __init__(self):
         self.connected = False
         self._conn = None
         self._reader = object()   # started: a background reader
-        self.up_hooks, self.down_hooks = [], []
+        self.up_hooks, self.down_hooks, self.on_up_hooks = [], [], []
+
+    def on_up(self, fn):
+        self.on_up_hooks.append(fn)
 
     def add_up_hook(self, fn):
         self.up_hooks.append(fn)
