@@ -59,6 +59,20 @@ def rabbitmqctl(*args, check=True):
                           check=check, timeout=60).stdout
 
 
+def clean_up_like_node_down(queue):
+    """What a RabbitMQ 3.x cluster does to a queue name when the queue's node died
+    (``rabbit_amqqueue:on_node_down``'s own calls, for this one name, on the local broker):
+    its record and routes deleted, then the bindings' deletions processed (see
+    kazoo_green._sweep)."""
+    rabbitmqctl('eval', (
+        'QN = rabbit_misc:r(<<"/">>, queue, <<"%s">>), '
+        'D = rabbit_misc:execute_mnesia_transaction(fun () -> '
+        'ok = mnesia:delete({rabbit_queue, QN}), '
+        'rabbit_binding:remove_transient_for_destination(QN) end), '
+        'rabbit_misc:execute_mnesia_tx_with_tail(fun () -> '
+        'rabbit_binding:process_deletions(D, <<"rmq-internal">>) end), ok.' % queue))
+
+
 def close_connections(*name_parts):
     """Close, from the broker side, every connection whose name contains one of ``name_parts``."""
     out = rabbitmqctl('list_connections', 'pid', 'client_properties')

@@ -15,20 +15,10 @@ import logging
 
 from kazoo_green import KazooError, _sweep
 
-from ..conftest import RABBIT_URL, event, rabbitmqctl, unique, wait_for
+from ..conftest import (RABBIT_URL, clean_up_like_node_down, event, rabbitmqctl, unique,
+                        wait_for)
 
 URLS = [RABBIT_URL, RABBIT_URL]
-
-
-def clean_up_like_node_down(queue):
-    """What ``on_node_down`` does to one queue name (RabbitMQ 3.10's own calls)."""
-    rabbitmqctl('eval', (
-        'QN = rabbit_misc:r(<<"/">>, queue, <<"%s">>), '
-        'D = rabbit_misc:execute_mnesia_transaction(fun () -> '
-        'ok = mnesia:delete({rabbit_queue, QN}), '
-        'rabbit_binding:remove_transient_for_destination(QN) end), '
-        'rabbit_misc:execute_mnesia_tx_with_tail(fun () -> '
-        'rabbit_binding:process_deletions(D, <<"rmq-internal">>) end), ok.' % queue))
 
 
 def queue_consumers(name):
