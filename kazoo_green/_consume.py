@@ -196,9 +196,13 @@ class Subscriber(object):
         if sub in self.subscriptions:
             self.subscriptions.remove(sub)
         self.sweep.forget(sub)
-        channel, sub.channel = sub.channel, None
-        orphans, sub.orphans = sub.orphans, []
-        for channel in [channel] + orphans:
+        self._cancel(sub)
+        sub.channel, sub.orphans = None, []
+
+    def _cancel(self, sub):
+        """Cancel ``sub``'s consumers (its channel's and its orphans') when the link is
+        up; a refusal is logged."""
+        for channel in [sub.channel] + sub.orphans:
             if channel is not None and self.link.connected:
                 try:
                     self.link.rpc(self.link.cancel, channel, sub.tag)
@@ -333,14 +337,7 @@ class Subscriber(object):
     def cancel_all(self):
         """Stop deliveries (used by a graceful stop); in-flight ones still settle."""
         for sub in self.subscriptions:
-            for channel in [sub.channel] + sub.orphans:
-                if channel is not None and self.link.connected:
-                    try:
-                        self.link.rpc(self.link.cancel, channel, sub.tag)
-                    except KazooError as exc:
-                        log.warning('cannot cancel %r: %s', sub, exc)
-                    except self.link.channel_errors as exc:
-                        log.warning('cannot cancel %r: %s', sub, exc)
+            self._cancel(sub)
 
     # -- per message ----------------------------------------------------
     def _received(self, sub, channel, raw):

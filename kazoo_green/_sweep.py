@@ -125,7 +125,7 @@ class SweepGuard(object):
         link = self.link
         for name, redo in list(self._watched.values()):
             if link.generation != self._generation or not link.connected:
-                self._step = len(CHECKS)   # the next connect looks again
+                self._stop()   # the next connect looks again
                 return
             try:
                 if not link.rpc(queue_missing, link._conn, name, link.channel_errors):
@@ -134,7 +134,7 @@ class SweepGuard(object):
                 log.debug('cannot look at queue %s: %s', name, exc)
                 continue
             except KazooError:
-                self._step = len(CHECKS)
+                self._stop()
                 return
             link.stats.queues_swept += 1
             log.warning('queue %s was deleted by the broker after it was declared (a '
@@ -147,6 +147,6 @@ class SweepGuard(object):
                 log.error('cannot declare queue %s again: %s; next look in %.1fs',
                           name, exc, CHECKS[0])
             except KazooError:
-                self._step = len(CHECKS)
+                self._stop()
                 return
             self._start, self._step = monotonic(), 0
